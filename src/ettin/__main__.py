@@ -1,0 +1,3 @@
+from ettin.cli import main
+
+main()

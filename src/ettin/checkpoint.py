@@ -1,0 +1,131 @@
+"""Our checkpoint format: a directory of safetensors weights and JSON, nothing pickled.
+
+    CKPT/ettin.json          {"format": "ettin-checkpoint", "version": 1, "model": {...config...},
+                              "meta": {...step, tokens, origin...}}
+    CKPT/model.safetensors   the weights (tied embedding stored once)
+    CKPT/tokenizer/          optional: tokenizer.json (+ its config) the model was trained with
+    CKPT/...                 room for trainer state (optimizer, data position, RNG) added by the trainer
+
+Loading never executes code from the directory: safetensors and JSON only.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ettin.config import ModelConfig
+from ettin.errors import EttinError
+from ettin.fsutil import atomic_dir
+
+FORMAT = "ettin-checkpoint"
+VERSION = 1
+META_FILE = "ettin.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def read_meta(path: str | Path) -> dict:
+    path = Path(path)
+    meta_path = path / META_FILE
+    if not path.exists():
+        raise EttinError(f"{path}: no such checkpoint")
+    if not meta_path.is_file():
+        raise EttinError(f"{path}: not an ettin checkpoint (no {META_FILE}; for a Hugging Face directory use 'ettin import')")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EttinError(f"{meta_path}: invalid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise EttinError(f"{meta_path}: not an ettin checkpoint (format is {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})")
+    if meta.get("version", 0) > VERSION:
+        raise EttinError(f"{meta_path}: checkpoint version {meta['version']} is newer than this ettin supports ({VERSION})")
+    return meta
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    meta = read_meta(path)
+    return ModelConfig.from_dict(meta.get("model"), source=str(Path(path) / META_FILE))
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    wpath = Path(path) / WEIGHTS_FILE
+    if not wpath.is_file():
+        raise EttinError(f"{path}: checkpoint has no {WEIGHTS_FILE}")
+    try:
+        return load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise EttinError(f"{wpath}: unreadable or truncated weights ({e})") from None
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu"):
+    """Build the model a checkpoint describes and load its weights (strictly)."""
+    from ettin.model import Transformer
+
+    config = load_config(path)
+    state = load_state_dict(path)
+    with torch.device("meta"):
+        model = Transformer(config, init=False)
+    model = model.to_empty(device=device)
+    _load_strict(model, state, path)
+    return model
+
+
+def _load_strict(model, state: dict, path) -> None:
+    want = model.state_dict()
+    missing = sorted(set(want) - set(state))
+    unexpected = sorted(set(state) - set(want))
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise EttinError(f"{path}: weights do not match the config ({what})")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(want[k].shape):
+            raise EttinError(f"{path}: tensor '{k}' has shape {tuple(v.shape)}, config expects {tuple(want[k].shape)}")
+    model.load_state_dict(state, strict=True, assign=False)
+
+
+def save_checkpoint(
+    path: str | Path,
+    model,
+    *,
+    meta: dict | None = None,
+    tokenizer_dir: str | Path | None = None,
+    extra_writer=None,
+) -> Path:
+    """Write a complete checkpoint atomically. ``extra_writer(tmpdir)`` may add trainer state."""
+    path = Path(path)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    config: ModelConfig = model.config
+    with atomic_dir(path) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        doc = {"format": FORMAT, "version": VERSION, "model": config.to_dict(), "meta": meta or {}}
+        (tmp / META_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        if tokenizer_dir is not None:
+            copy_tokenizer(tokenizer_dir, tmp / TOKENIZER_DIR)
+        if extra_writer is not None:
+            extra_writer(tmp)
+    return path
+
+
+def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
+    src, dst = Path(src), Path(dst)
+    if not (src / "tokenizer.json").is_file():
+        raise EttinError(f"{src}: no tokenizer.json")
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.suffix in (".json", ".txt", ".model"):
+            shutil.copy2(f, dst / f.name)
+
+
+def tokenizer_dir(path: str | Path) -> Path | None:
+    d = Path(path) / TOKENIZER_DIR
+    return d if (d / "tokenizer.json").is_file() else None

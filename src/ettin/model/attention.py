@@ -1,0 +1,102 @@
+"""Attention masks and kernels.
+
+Two paths compute the same thing: PyTorch SDPA with explicit boolean masks (CPU, and any
+device without flex attention) and flex attention with block masks (CUDA). Both confine
+attention to a document, apply the sliding window on local layers and causality on a
+decoder. Padding is folded into document ids (pad positions form their own "document"), so
+real tokens never see pads and pad rows never become empty (no NaN).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+try:  # flex attention exists from torch 2.5 on; guard anyway
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    HAVE_FLEX = True
+except Exception:  # pragma: no cover - old torch
+    HAVE_FLEX = False
+
+
+def fold_padding(doc_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, shape, device) -> torch.Tensor | None:
+    """Document ids with pads mapped to -1; None when neither is given (one document per row)."""
+    if doc_ids is None and attention_mask is None:
+        return None
+    if doc_ids is None:
+        doc_ids = torch.zeros(shape, dtype=torch.long, device=device)
+    if attention_mask is not None:
+        doc_ids = torch.where(attention_mask.bool(), doc_ids, torch.full_like(doc_ids, -1))
+    return doc_ids
+
+
+def positions_from_docs(doc_ids: torch.Tensor | None, shape, device) -> torch.Tensor:
+    """RoPE positions that restart at 0 at every document start."""
+    B, L = shape
+    idx = torch.arange(L, device=device).expand(B, L)
+    if doc_ids is None:
+        return idx
+    start = torch.ones_like(doc_ids, dtype=torch.bool)
+    start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - first
+
+
+def sdpa_mask(doc_ids: torch.Tensor | None, L: int, device, *, causal: bool, window: tuple[int, int] | None) -> torch.Tensor | None:
+    """Boolean mask [B or 1, 1, L, L] (True = attend), or None when plain SDPA suffices."""
+    if doc_ids is None and window is None and not causal:
+        return None
+    q = torch.arange(L, device=device)[:, None]
+    k = torch.arange(L, device=device)[None, :]
+    allowed = torch.ones(L, L, dtype=torch.bool, device=device)
+    if causal:
+        allowed &= k <= q
+    if window is not None:
+        left, right = window
+        allowed &= (q - k <= left) & (k - q <= right)
+    allowed = allowed[None, None]
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+    return allowed
+
+
+def sdpa(q, k, v, mask: torch.Tensor | None, *, causal: bool) -> torch.Tensor:
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_block_mask(doc_ids: torch.Tensor | None, B: int, L: int, device, *, causal: bool, window: tuple[int, int] | None):
+    left, right = window if window is not None else (None, None)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        m = q_idx >= 0  # all-true tensor of the right shape
+        if causal:
+            m = m & (kv_idx <= q_idx)
+        if left is not None:
+            m = m & (q_idx - kv_idx <= left) & (kv_idx - q_idx <= right)
+        if doc_ids is not None:
+            m = m & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+        return m
+
+    return create_block_mask(mask_mod, B if doc_ids is not None else None, None, L, L, device=device)
+
+
+def flex(q, k, v, block_mask) -> torch.Tensor:
+    return _compiled_flex()(q, k, v, block_mask=block_mask)
+
+
+def use_flex(impl: str, device: torch.device) -> bool:
+    if impl == "sdpa":
+        return False
+    if impl == "flex":
+        return HAVE_FLEX
+    return HAVE_FLEX and device.type == "cuda"  # auto

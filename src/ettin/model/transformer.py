@@ -1,0 +1,189 @@
+"""The ModernBERT-style transformer: an encoder or a decoder by ``config.causal`` alone.
+
+Read top to bottom: rotary embedding, one block (attention + GeGLU MLP, pre-norm, no biases),
+the model (embedding + norm, blocks, final norm, prediction head, tied output projection).
+Objectives live in :mod:`ettin.objectives`; the model only maps tokens to logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ettin.config import ModelConfig
+from ettin.model import attention as A
+
+
+class Rotary(nn.Module):
+    """RoPE with the non-interleaved (rotate-half) layout transformers uses."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, device=positions.device, dtype=torch.float) / self.head_dim))
+        freqs = positions[..., None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # [B, 1, L, D]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, index: int):
+        super().__init__()
+        h = config.hidden
+        self.heads = config.heads
+        self.is_global = config.is_global_layer(index)
+        self.attn_norm = nn.Identity() if index == 0 else nn.LayerNorm(h, eps=config.norm_eps, bias=False)
+        self.qkv = nn.Linear(h, 3 * h, bias=False)
+        self.out = nn.Linear(h, h, bias=False)
+        self.mlp_norm = nn.LayerNorm(h, eps=config.norm_eps, bias=False)
+        self.wi = nn.Linear(h, 2 * config.intermediate, bias=False)
+        self.wo = nn.Linear(config.intermediate, h, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attend) -> torch.Tensor:
+        B, L, H = x.shape
+        qkv = self.qkv(self.attn_norm(x)).view(B, L, 3, self.heads, H // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, L, D]
+        cos, sin = rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = attend(q, k, v).transpose(1, 2).reshape(B, L, H)
+        x = x + self.out(y)
+        a, gate = self.wi(self.mlp_norm(x)).chunk(2, dim=-1)
+        return x + self.wo(F.gelu(a) * gate)
+
+
+class Transformer(nn.Module):
+    """Token ids -> logits. ``config.causal`` is the only encoder/decoder switch."""
+
+    def __init__(self, config: ModelConfig, *, init: bool = True):
+        super().__init__()
+        self.config = config
+        self.attn_impl = "auto"  # "auto" | "sdpa" | "flex"
+        self.activation_checkpointing = False
+        self.embed = nn.Embedding(config.vocab_size, config.hidden)
+        self.embed_norm = nn.LayerNorm(config.hidden, eps=config.norm_eps, bias=False)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.layers))
+        self.final_norm = nn.LayerNorm(config.hidden, eps=config.norm_eps, bias=False)
+        self.head_dense = nn.Linear(config.hidden, config.hidden, bias=False)
+        self.head_norm = nn.LayerNorm(config.hidden, eps=config.norm_eps, bias=False)
+        self.out_bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.rope_global = Rotary(config.head_dim, config.rope_theta_global)
+        self.rope_local = Rotary(config.head_dim, config.rope_theta_local)
+        if init:
+            self.reset_parameters()
+
+    # -- initialisation ---------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Megatron-style: truncated normal, output projections scaled by 1/sqrt(2 * layers)."""
+        c = self.config
+        std_in = c.init_std
+        std_out = c.init_std / math.sqrt(2.0 * c.layers)
+
+        def tn(w: torch.Tensor, std: float) -> None:
+            nn.init.trunc_normal_(w, mean=0.0, std=std, a=-c.init_cutoff * std, b=c.init_cutoff * std)
+
+        tn(self.embed.weight, std_in)
+        for b in self.blocks:
+            tn(b.qkv.weight, std_in)
+            tn(b.wi.weight, std_in)
+            tn(b.out.weight, std_out)
+            tn(b.wo.weight, std_out)
+        tn(self.head_dense.weight, std_out)
+        self.out_bias.zero_()
+        for m in self.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.fill_(1.0)
+
+    # -- forward ----------------------------------------------------------------------------
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        doc_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Backbone output after the final norm, [B, L, hidden] (what embeddings and classifiers use)."""
+        c = self.config
+        B, L = input_ids.shape
+        dev = input_ids.device
+        docs = A.fold_padding(doc_ids, attention_mask, (B, L), dev)
+        if position_ids is None:
+            position_ids = A.positions_from_docs(doc_ids, (B, L), dev)
+        x = self.embed_norm(self.embed(input_ids))
+        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x.dtype
+        rope_g = self.rope_global.cos_sin(position_ids, dtype)
+        rope_l = rope_g if c.rope_theta_local == c.rope_theta_global else self.rope_local.cos_sin(position_ids, dtype)
+        attend_g, attend_l = self._attention_fns(docs, B, L, dev)
+        for block in self.blocks:
+            rope, attend = (rope_g, attend_g) if block.is_global else (rope_l, attend_l)
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, rope, attend, use_reentrant=False)
+            else:
+                x = block(x, rope, attend)
+        return self.final_norm(x)
+
+    def _attention_fns(self, docs, B: int, L: int, dev):
+        c = self.config
+        causal, window = c.causal, c.window()
+        need_local = any(not b.is_global for b in self.blocks)
+        if A.use_flex(self.attn_impl, dev):
+            bm_g = A.flex_block_mask(docs, B, L, dev, causal=causal, window=None)
+            bm_l = A.flex_block_mask(docs, B, L, dev, causal=causal, window=window) if need_local else None
+            return (lambda q, k, v: A.flex(q, k, v, bm_g)), (lambda q, k, v: A.flex(q, k, v, bm_l))
+        m_g = A.sdpa_mask(docs, L, dev, causal=causal, window=None)
+        m_l = A.sdpa_mask(docs, L, dev, causal=causal, window=window) if need_local else None
+        return (lambda q, k, v: A.sdpa(q, k, v, m_g, causal=causal)), (lambda q, k, v: A.sdpa(q, k, v, m_l, causal=causal))
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Prediction head and tied output projection: hidden -> vocabulary logits."""
+        h = self.head_norm(F.gelu(self.head_dense(hidden)))
+        return F.linear(h, self.embed.weight, self.out_bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        doc_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        predict_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, L, V]; with ``predict_mask`` only at those positions, [N, V] (sparse prediction)."""
+        hidden = self.encode(input_ids, doc_ids=doc_ids, attention_mask=attention_mask, position_ids=position_ids)
+        if predict_mask is not None:
+            hidden = hidden[predict_mask]
+        return self.head(hidden)
+
+    # -- utilities --------------------------------------------------------------------------
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def set_causal(self, causal: bool, objective: str | None = None, origin: str | None = None) -> None:
+        """Switch attention direction in place (cross-objective conversion keeps every weight)."""
+        changes = {"causal": causal, "objective": objective or ("clm" if causal else "mlm")}
+        if origin is not None:
+            changes["origin"] = origin
+        self.config = self.config.replace(**changes)
+
+    def set_rope_theta(self, global_theta: float, local_theta: float) -> None:
+        self.config = self.config.replace(rope_theta_global=global_theta, rope_theta_local=local_theta)
+        self.rope_global.theta = global_theta
+        self.rope_local.theta = local_theta
+
+    def compile_blocks(self, **kwargs) -> None:
+        """torch.compile each block separately (faster to compile, same speed as whole-model)."""
+        for b in self.blocks:
+            b.compile(**kwargs)
