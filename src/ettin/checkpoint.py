@@ -100,11 +100,17 @@ def save_checkpoint(
     meta: dict | None = None,
     tokenizer_dir: str | Path | None = None,
     extra_writer=None,
+    state: dict | None = None,
+    config: ModelConfig | None = None,
 ) -> Path:
-    """Write a complete checkpoint atomically. ``extra_writer(tmpdir)`` may add trainer state."""
+    """Write a complete checkpoint atomically. ``extra_writer(tmpdir)`` may add trainer state.
+
+    ``state``/``config`` replace ``model.state_dict()``/``model.config`` (e.g. a full state dict
+    gathered from a sharded model, with ``model`` then None).
+    """
     path = Path(path)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    config: ModelConfig = model.config
+    state = {k: v.detach().contiguous().cpu() for k, v in (state if state is not None else model.state_dict()).items()}
+    config = config if config is not None else model.config
     with atomic_dir(path) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         doc = {"format": FORMAT, "version": VERSION, "model": config.to_dict(), "meta": meta or {}}

@@ -1,0 +1,160 @@
+"""``ettin demo``: the whole system end to end on a CPU, with nothing but what the package ships.
+
+Tokenizer -> prepared shards -> a tiny encoder/decoder pair through the three stages ->
+cross-objective conversions -> evaluation -> Hugging Face exports -> report. Each step is the
+same code the real commands run; only the sizes are small.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import time
+from pathlib import Path
+
+import typer
+import yaml
+
+from ettin.errors import EttinError
+
+
+def _say(msg: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=False).print(f"[bold cyan]ettin demo[/] {msg}")
+
+
+def _read_corpus(path: Path) -> list[str]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    texts = []
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                texts.append(json.loads(line)["text"])
+    return texts
+
+
+def _write_jsonl(path: Path, texts: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for t in texts:
+            fh.write(json.dumps({"text": t}) + "\n")
+
+
+def _resolve_recipes(out: Path, data_dir: Path, scale: float) -> Path:
+    """Copy the small recipes into OUT/recipes with the demo's data path filled in."""
+    from importlib.resources import files
+
+    src = Path(str(files("ettin") / "recipes" / "small"))
+    dst = out / "recipes"
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("stage1.yaml", "stage2.yaml", "stage3.yaml", "cross-objective.yaml"):
+        raw = yaml.safe_load((src / name).read_text())
+        raw["data"]["sources"] = [{"name": "demo", "path": str(data_dir), "weight": 1.0}]
+        raw["train"]["tokens"] = int(raw["train"]["tokens"] * scale)
+        raw["checkpoint"]["every_tokens"] = int(raw["checkpoint"]["every_tokens"] * scale)
+        if "batch_warmup_tokens" in raw["train"]:
+            raw["train"]["batch_warmup_tokens"] = int(raw["train"]["batch_warmup_tokens"] * scale)
+        sched = raw["optim"]["schedule"]
+        for k in ("warmup_tokens", "decay_tokens"):
+            if k in sched:
+                sched[k] = int(sched[k] * scale)
+        raw["logging"] = {"tensorboard": False}
+        (dst / name).write_text(yaml.safe_dump(raw, sort_keys=False))
+    (dst / "all.yaml").write_text("stages: [stage1.yaml, stage2.yaml, stage3.yaml]\n")
+    return dst
+
+
+def run_demo(out: Path, *, scale: float = 1.0, vocab_size: int = 2048, evaluate: bool = True, progress: bool = True) -> dict:
+    from ettin.data import demo_corpus_path
+    from ettin.data.prepare import prepare
+    from ettin.data.tokenizer import train_tokenizer
+
+    t_start = time.time()
+    out = Path(out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"out": str(out)}
+
+    # 1. corpus: the shipped sample, split into training text and a held-out evaluation set
+    texts = _read_corpus(demo_corpus_path())
+    n_eval = max(4, len(texts) // 20)
+    train_texts, heldout = texts[:-n_eval], texts[-n_eval:]
+    corpus = out / "corpus" / "train.jsonl"
+    _write_jsonl(corpus, train_texts)
+    evaldata = out / "evaldata"
+    _write_jsonl(evaldata / "lm" / "demo_heldout" / "validation.jsonl", heldout)
+    _say(f"corpus: {len(train_texts)} training documents, {len(heldout)} held out ({demo_corpus_path().name})")
+
+    # 2. tokenizer and prepared shards
+    tok_dir = out / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        train_tokenizer(iter(train_texts), tok_dir, vocab_size, sources=[str(corpus)])
+    data_dir = out / "data"
+    if not (data_dir / "manifest.json").is_file():
+        man = prepare([corpus], tok_dir, data_dir, name="demo", workers=2, progress=progress)
+        _say(f"prepared {man['tokens']:,} tokens in {man['documents']:,} documents -> {data_dir}")
+
+    # 3. the pair through stages 1-3
+    from ettin.train.trainer import train
+
+    recipes = _resolve_recipes(out, data_dir, scale)
+    _say("training the encoder/decoder pair through stages 1-3 (recipes in %s)" % recipes)
+    res = train(recipes / "all.yaml", out / "pair", pair=True, progress=progress)
+    summary["pair"] = {k: {"first_loss": res["first_loss"].get(k), "last_loss": v["loss"]} for k, v in res.get("last", {}).items()}
+
+    # 4. cross-objective conversions from the final checkpoints
+    from ettin.convert.objective import convert
+
+    conv = out / "convert"
+    _say("cross-objective training: encoder-from-decoder (MNTP) and decoder-from-encoder (CLM)")
+    convert(out / "pair" / "decoder", "mntp", recipes / "cross-objective.yaml", conv / "encoder-from-decoder", progress=progress)
+    convert(out / "pair" / "encoder", "clm", recipes / "cross-objective.yaml", conv / "decoder-from-encoder", progress=progress)
+
+    # 5. Hugging Face exports of the final checkpoints
+    from ettin.convert.hf import export_checkpoint
+    from ettin.train.trainer import last_checkpoint
+
+    exports = {
+        "encoder": out / "pair" / "encoder",
+        "decoder": out / "pair" / "decoder",
+        "encoder-from-decoder": conv / "encoder-from-decoder",
+        "decoder-from-encoder": conv / "decoder-from-encoder",
+    }
+    for name, run in exports.items():
+        export_checkpoint(last_checkpoint(run), out / "hf" / name)
+    _say(f"exported to {out / 'hf'}")
+
+    # 6. evaluation of every checkpoint (a trajectory) on the held-out text
+    if evaluate:
+        from ettin.eval import evaluate_run
+
+        runs = [out / "pair" / "encoder", out / "pair" / "decoder", conv / "encoder-from-decoder", conv / "decoder-from-encoder"]
+        for run in runs:
+            evaluate_run(run, ["lm/demo_heldout"], evaldata, limit=None)
+        _say("evaluated every checkpoint on the held-out text")
+
+    # 7. the report
+    from ettin.report import write_report
+
+    report = write_report([out / "pair", conv], out / "report.html")
+    summary["report"] = str(report)
+    summary["seconds"] = round(time.time() - t_start, 1)
+    (out / "demo-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def demo(
+        out: Path = typer.Option(Path("ettin-demo"), "--out", help="Directory for everything the demo makes."),
+        scale: float = typer.Option(1.0, "--scale", help="Multiply the demo's token budgets (0.2 for a quick look)."),
+        no_eval: bool = typer.Option(False, "--no-eval", help="Skip evaluation."),
+    ):
+        """Tiny pair end to end on CPU: tokenizer, data, 3 stages, conversions, eval, export, report."""
+        if scale <= 0:
+            raise EttinError(f"--scale must be positive, got {scale}")
+        s = run_demo(out, scale=scale, evaluate=not no_eval)
+        for k, v in s.get("pair", {}).items():
+            typer.echo(f"{k}: loss {v['first_loss']:.3f} -> {v['last_loss']:.3f}")
+        typer.echo(f"report: {s['report']}  ({s['seconds']} s)")
