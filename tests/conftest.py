@@ -17,3 +17,50 @@ def shared_data():
     if not os.path.isdir(path):
         pytest.skip("../shared/data not present")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A small prepared data directory (first documents of the shipped demo corpus, vocab 512)."""
+    import gzip
+    import json
+
+    from ettin.data import demo_corpus_path
+    from ettin.data.prepare import prepare
+    from ettin.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    texts = []
+    with gzip.open(demo_corpus_path(), "rt", encoding="utf-8") as fh:
+        for line in fh:
+            texts.append(json.loads(line)["text"][:4000])
+            if len(texts) == 60:
+                break
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    train_tokenizer(iter(texts), root / "tok", 512)
+    prepare([corpus], root / "tok", root / "data", workers=1)
+    return root / "data"
+
+
+def write_recipe(path, data_dir, **over):
+    """A tiny one-stage recipe; ``over`` maps dotted keys to values."""
+    import yaml
+
+    d = {
+        "name": "stage1",
+        "model": {"size": "micro", "kind": "encoder"},
+        "data": {"sources": [{"path": str(data_dir), "weight": 1.0}]},
+        "train": {"tokens": 16 * 8 * 32, "seq_len": 32, "global_batch": 8, "micro_batch": 4, "mask_rate": 0.3, "seed": 21, "rope_theta": 10000},
+        "optim": {"lr": 3e-3, "schedule": {"kind": "warmup_constant", "warmup_tokens": 512}},
+        "checkpoint": {"every_tokens": 4 * 8 * 32},
+        "logging": {"tensorboard": False},
+    }
+    for k, v in over.items():
+        cur = d
+        parts = k.split(".")
+        for p in parts[:-1]:
+            cur = cur.setdefault(p, {})
+        cur[parts[-1]] = v
+    path.write_text(yaml.safe_dump(d))
+    return path

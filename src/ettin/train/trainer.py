@@ -228,11 +228,19 @@ class Learner:
                         tensors[f"{fqn}::{k}"] = v.detach().cpu().contiguous()
                     else:
                         scalars[f"{fqn}::{k}"] = v
+            groups = []
+            for i, g in enumerate(osd["param_groups"]):
+                g = dict(g)
+                for k, v in list(g.items()):
+                    if torch.is_tensor(v):  # e.g. optimi keeps the step count as a tensor
+                        tensors[f"param_groups::{i}::{k}"] = v.detach().cpu().contiguous()
+                        del g[k]
+                groups.append(g)
             save_file(tensors, str(tdir / "optimizer.safetensors"))
             save_file({"torch": torch.get_rng_state()}, str(tdir / "rng.safetensors"))
             doc = {
                 **meta,
-                "param_groups": osd["param_groups"],
+                "param_groups": groups,
                 "optimizer_scalars": scalars,
                 "recipe_fingerprint": _fingerprint(self.stage),
                 "data_fingerprint": data_fingerprint,
@@ -264,13 +272,18 @@ class Learner:
         doc = json.loads((tdir / "state.json").read_text())
         tensors = load_file(str(tdir / "optimizer.safetensors"))
         state: dict = {}
+        groups = [dict(g) for g in doc["param_groups"]]
         for key, v in tensors.items():
+            if key.startswith("param_groups::"):
+                _, i, k = key.split("::", 2)
+                groups[int(i)][k] = v
+                continue
             fqn, k = key.split("::", 1)
             state.setdefault(fqn, {})[k] = v
         for key, v in doc.get("optimizer_scalars", {}).items():
             fqn, k = key.split("::", 1)
             state.setdefault(fqn, {})[k] = v
-        D.load_full_optim_state(self.wrapped, self.optim, {"state": state, "param_groups": doc["param_groups"]}, self.d)
+        D.load_full_optim_state(self.wrapped, self.optim, {"state": state, "param_groups": groups}, self.d)
         rng = load_file(str(tdir / "rng.safetensors"))["torch"]
         torch.set_rng_state(rng)
         return doc
