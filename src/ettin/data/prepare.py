@@ -1,0 +1,280 @@
+"""``ettin data prepare``: tokenize inputs into memory-mapped shards, in parallel, streaming.
+
+The main process reads the inputs and cuts them into chunks of about 512 KB (raw JSONL lines or
+texts); N worker processes decode, validate and tokenize chunks (one tokenizer thread each);
+the main process writes results in input order, so the output is byte-identical for any worker
+count. At most ``2 * workers + 2`` chunks are in flight, so memory is bounded by the chunk size,
+not by the input size (a single document is held whole). Everything is built in a temporary
+directory beside DATA_DIR and renamed into place at the end: DATA_DIR is complete or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+from ettin.data.readers import TEXT_UNITS, Chunk, InputSpec, chunk_texts, expand_inputs, iter_chunks
+from ettin.data.shards import DEFAULT_SHARD_TOKENS, FORMAT, MANIFEST, TOKENIZER_SUBDIR, VERSION, ShardWriter, fingerprint
+from ettin.data.tokenizer import copy_tokenizer_files, resolve_dir, tokenizer_info
+from ettin.errors import EttinError
+
+CHUNK_BYTES = 1 << 19
+
+_W: dict = {}
+
+
+def _init_worker(tokenizer_json: str, cls_id: int, sep_id: int, dtype: str, text_field: str, skip_empty: bool, single_thread: bool) -> None:
+    if single_thread:
+        # N processes already use N cores; a rayon pool per process would oversubscribe them.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(tokenizer_json)
+    _W.update(tok=tok, cls=cls_id, sep=sep_id, dtype=np.dtype(dtype), field=text_field, skip_empty=skip_empty)
+    _W["encode"] = getattr(tok, "encode_batch_fast", tok.encode_batch)
+
+
+def _bad_unicode(chunk: Chunk, texts: list[str], where: list[int]) -> EttinError | None:
+    for t, i in zip(texts, where):
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return EttinError(f"{chunk.where(i)}: text is not valid Unicode ({e.reason} at character {e.start + 1}, e.g. an unpaired \\u surrogate escape)")
+    return None
+
+
+def _process(chunk: Chunk):
+    """Worker: chunk -> (input index, token array, document lengths, skipped, input bytes)."""
+    texts, where = chunk_texts(chunk, _W["field"])
+    try:
+        encs = _W["encode"](texts, add_special_tokens=False)
+    except Exception:
+        err = _bad_unicode(chunk, texts, where)
+        if err is not None:
+            raise err from None
+        raise
+    cls, sep = _W["cls"], _W["sep"]
+    flat: list[int] = []
+    lens: list[int] = []
+    skipped = 0
+    for j, e in enumerate(encs):
+        ids = e.ids
+        if not ids:
+            if not _W["skip_empty"]:
+                raise EttinError(f"{chunk.where(where[j])}: document tokenizes to nothing (empty text); remove it or pass --skip-empty")
+            skipped += 1
+            continue
+        flat.append(cls)
+        flat.extend(ids)
+        flat.append(sep)
+        lens.append(len(ids) + 2)
+    return chunk.input_index, np.array(flat, dtype=_W["dtype"]), np.array(lens, dtype=np.int64), skipped
+
+
+def _mp_context():
+    # fork: no re-import of __main__ (a script calling prepare() needs no main guard) and
+    # millisecond start-up. Workers only load a fresh tokenizer and numpy, never touching
+    # state inherited from the parent's threads. Elsewhere (macOS, Windows) spawn.
+    if "fork" in mp.get_all_start_methods():
+        return mp.get_context("fork")
+    return mp.get_context("spawn")
+
+
+def _start_pool(workers: int, init_args: tuple):
+    # Children inherit TOKENIZERS_PARALLELISM=false at the fork itself, so the tokenizers library
+    # neither warns about a fork after parallel use nor touches its inherited thread pool.
+    key = "TOKENIZERS_PARALLELISM"
+    saved = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        return _mp_context().Pool(workers, initializer=_init_worker, initargs=(*init_args, True))
+    finally:
+        if saved is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = saved
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class _Progress:
+    """A rich progress bar over input bytes, showing tokens/s (or nothing when disabled)."""
+
+    def __init__(self, enabled: bool, total_bytes: int, label: str):
+        self.enabled = enabled
+        self.tokens = 0
+        self.docs = 0
+        self.t0 = time.perf_counter()
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.p = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TextColumn("{task.fields[docs]:,} docs  {task.fields[tokens]:,} tokens  [cyan]{task.fields[rate]} tok/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=False,
+        )
+        self.task = self.p.add_task(label, total=total_bytes or None, docs=0, tokens=0, rate="-")
+
+    def __enter__(self):
+        if self.enabled:
+            self.p.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.p.__exit__(*exc)
+
+    def on_bytes(self, n: int) -> None:
+        if self.enabled:
+            self.p.advance(self.task, n)
+
+    def on_result(self, docs: int, tokens: int) -> None:
+        self.docs += docs
+        self.tokens += tokens
+        if self.enabled:
+            dt = max(time.perf_counter() - self.t0, 1e-9)
+            self.p.update(self.task, docs=self.docs, tokens=self.tokens, rate=_si(self.tokens / dt))
+
+
+def _si(x: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= div:
+            return f"{x / div:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def prepare(
+    inputs,
+    tokenizer: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    text_field: str = "text",
+    name: str | None = None,
+    workers: int | None = None,
+    text_unit: str = "file",
+    skip_empty: bool = False,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    overwrite: bool = False,
+    progress: bool = False,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> dict:
+    """Tokenize ``inputs`` with ``tokenizer`` into the data directory ``out``; returns the manifest
+    (plus ``"stats"``: seconds and tokens/s, not stored). Raises EttinError on bad input, leaving
+    ``out`` as it was."""
+    from ettin import __version__
+    from ettin.fsutil import atomic_dir
+
+    specs = expand_inputs(inputs)
+    tdir = resolve_dir(tokenizer)
+    info = tokenizer_info(tdir)
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise EttinError(f"{out}: exists and is not a directory")
+        if any(out.iterdir()) and not overwrite:
+            raise EttinError(f"{out}: already exists (pass --overwrite to replace it)")
+    for s in specs:
+        try:
+            s.path.resolve().relative_to(out.resolve())
+            raise EttinError(f"{s.path}: input lies inside the output directory {out}")
+        except ValueError:
+            pass
+    if text_unit not in TEXT_UNITS:
+        raise EttinError(f"--text-unit must be one of {', '.join(TEXT_UNITS)}, got '{text_unit}'")
+    workers = default_workers() if workers is None else int(workers)
+    if workers < 1:
+        raise EttinError(f"--workers must be at least 1, got {workers}")
+    dtype = info["dtype"]
+    per_input = [{"documents": 0, "tokens": 0, "skipped_empty": 0} for _ in specs]
+    init_args = (str(tdir / "tokenizer.json"), info["cls_id"], info["sep_id"], dtype, text_field, skip_empty)
+    t0 = time.perf_counter()
+
+    # Workers start before any thread of ours (the progress bar's) exists: forking is then safe.
+    pool = _start_pool(workers, init_args) if workers > 1 else None
+    try:
+        with atomic_dir(out) as tmp, _Progress(progress, sum(s.size for s in specs), f"prepare {name or out.name}") as bar:
+            writer = ShardWriter(tmp, dtype, shard_tokens)
+
+            def chunks():
+                for idx, spec in enumerate(specs):
+                    yield from iter_chunks(spec, idx, text_field=text_field, text_unit=text_unit, chunk_bytes=chunk_bytes, on_bytes=bar.on_bytes)
+                    if spec.documents == 0:
+                        raise EttinError(f"{spec.path}: empty input (no documents)")
+
+            def consume(result) -> None:
+                idx, toks, lens, skipped = result
+                writer.add(toks, lens)
+                st = per_input[idx]
+                st["documents"] += len(lens)
+                st["tokens"] += len(toks)
+                st["skipped_empty"] += skipped
+                bar.on_result(len(lens), len(toks))
+
+            try:
+                if pool is None:
+                    _init_worker(*init_args, single_thread=False)
+                    for ch in chunks():
+                        consume(_process(ch))
+                else:
+                    pending: deque = deque()
+                    limit = 2 * workers + 2
+                    for ch in chunks():
+                        pending.append(pool.apply_async(_process, (ch,)))
+                        while len(pending) >= limit:
+                            consume(pending.popleft().get())
+                    while pending:
+                        consume(pending.popleft().get())
+                shards = writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            if writer.documents == 0:
+                skipped = sum(p["skipped_empty"] for p in per_input)
+                raise EttinError(f"no documents left to write ({skipped} empty documents skipped)")
+            copy_tokenizer_files(tdir, tmp / TOKENIZER_SUBDIR)
+            manifest = {
+                "format": FORMAT,
+                "version": VERSION,
+                "name": name or out.name,
+                "created_by": f"ettin {__version__}",
+                "dtype": dtype,
+                "documents": writer.documents,
+                "tokens": writer.tokens,
+                "skipped_empty": sum(p["skipped_empty"] for p in per_input),
+                "text_field": text_field,
+                "text_unit": text_unit,
+                "tokenizer": {k: info[k] for k in ("hash", "vocab_size", "real_vocab_size", "cls_id", "sep_id", "pad_id", "mask_id")},
+                "inputs": [_input_entry(s, p) for s, p in zip(specs, per_input)],
+                "shards": shards,
+            }
+            manifest["fingerprint"] = fingerprint(manifest)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    dt = time.perf_counter() - t0
+    manifest["stats"] = {"seconds": dt, "tokens_per_s": manifest["tokens"] / max(dt, 1e-9), "workers": workers}
+    return manifest
+
+
+def _input_entry(spec: InputSpec, stats: dict) -> dict:
+    return {"path": str(spec.path.resolve()), "kind": spec.kind + (f".{spec.compression}" if spec.compression else ""), "bytes": spec.size, "sha256": spec.sha256, **stats}
