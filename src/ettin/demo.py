@@ -42,6 +42,18 @@ def _write_jsonl(path: Path, texts: list[str]) -> None:
             fh.write(json.dumps({"text": t}) + "\n")
 
 
+def _passages(texts: list[str], n: int) -> list[str]:
+    """Paragraph-sized held-out passages: short enough for encoder pseudo-perplexity on a CPU."""
+    out = []
+    for t in texts:
+        for para in t.split("\n\n"):
+            para = " ".join(para.split())
+            if 200 <= len(para) <= 600:
+                out.append(para)
+    step = max(1, len(out) // n)
+    return out[::step][:n]
+
+
 def _resolve_recipes(out: Path, data_dir: Path, scale: float) -> Path:
     """Copy the small recipes into OUT/recipes with the demo's data path filled in."""
     from importlib.resources import files
@@ -52,22 +64,22 @@ def _resolve_recipes(out: Path, data_dir: Path, scale: float) -> Path:
     for name in ("stage1.yaml", "stage2.yaml", "stage3.yaml", "cross-objective.yaml"):
         raw = yaml.safe_load((src / name).read_text())
         raw["data"]["sources"] = [{"name": "demo", "path": str(data_dir), "weight": 1.0}]
-        raw["train"]["tokens"] = int(raw["train"]["tokens"] * scale)
-        raw["checkpoint"]["every_tokens"] = int(raw["checkpoint"]["every_tokens"] * scale)
+        raw["train"]["tokens"] = int(float(raw["train"]["tokens"]) * scale)
+        raw["checkpoint"]["every_tokens"] = int(float(raw["checkpoint"]["every_tokens"]) * scale)
         if "batch_warmup_tokens" in raw["train"]:
-            raw["train"]["batch_warmup_tokens"] = int(raw["train"]["batch_warmup_tokens"] * scale)
+            raw["train"]["batch_warmup_tokens"] = int(float(raw["train"]["batch_warmup_tokens"]) * scale)
         sched = raw["optim"]["schedule"]
         for k in ("warmup_tokens", "decay_tokens"):
             if k in sched:
-                sched[k] = int(sched[k] * scale)
+                sched[k] = int(float(sched[k]) * scale)
         raw["logging"] = {"tensorboard": False}
         (dst / name).write_text(yaml.safe_dump(raw, sort_keys=False))
     (dst / "all.yaml").write_text("stages: [stage1.yaml, stage2.yaml, stage3.yaml]\n")
     return dst
 
 
-def run_demo(out: Path, *, scale: float = 1.0, vocab_size: int = 2048, evaluate: bool = True, progress: bool = True) -> dict:
-    from ettin.data import demo_corpus_path
+def run_demo(out: Path, *, scale: float = 1.0, vocab_size: int = 2048, evaluate: bool = True, progress: bool = True, eval_limit: int | None = None) -> dict:
+    from ettin.data import demo_corpus_path, demo_heldout_path
     from ettin.data.prepare import prepare
     from ettin.data.tokenizer import train_tokenizer
 
@@ -76,14 +88,13 @@ def run_demo(out: Path, *, scale: float = 1.0, vocab_size: int = 2048, evaluate:
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"out": str(out)}
 
-    # 1. corpus: the shipped sample, split into training text and a held-out evaluation set
-    texts = _read_corpus(demo_corpus_path())
-    n_eval = max(4, len(texts) // 20)
-    train_texts, heldout = texts[:-n_eval], texts[-n_eval:]
+    # 1. corpus: the shipped sample (training) and its held-out documents (evaluation)
+    train_texts = _read_corpus(demo_corpus_path())
+    heldout = _read_corpus(demo_heldout_path())
     corpus = out / "corpus" / "train.jsonl"
     _write_jsonl(corpus, train_texts)
     evaldata = out / "evaldata"
-    _write_jsonl(evaldata / "lm" / "demo_heldout" / "validation.jsonl", heldout)
+    _write_jsonl(evaldata / "lm" / "demo_heldout" / "validation.jsonl", _passages(heldout, 32))
     _say(f"corpus: {len(train_texts)} training documents, {len(heldout)} held out ({demo_corpus_path().name})")
 
     # 2. tokenizer and prepared shards
@@ -127,11 +138,12 @@ def run_demo(out: Path, *, scale: float = 1.0, vocab_size: int = 2048, evaluate:
 
     # 6. evaluation of every checkpoint (a trajectory) on the held-out text
     if evaluate:
-        from ettin.eval import evaluate_run
+        from ettin.eval.api import evaluate_all
+        from ettin.eval.commands import append_eval_log
 
         runs = [out / "pair" / "encoder", out / "pair" / "decoder", conv / "encoder-from-decoder", conv / "decoder-from-encoder"]
         for run in runs:
-            evaluate_run(run, ["lm/demo_heldout"], evaldata, limit=None)
+            evaluate_all(run, ["lm/demo_heldout"], evaldata, on_model=lambda em, res: append_eval_log(em, res, "validation"), limit=eval_limit)
         _say("evaluated every checkpoint on the held-out text")
 
     # 7. the report
