@@ -708,6 +708,10 @@ def _hf_tokenizer(tok_dir: Path, config: ModelConfig):
     kwargs = dict(cls_token=cls_t, sep_token=sep_t, pad_token=pad_t, mask_token=mask_t, bos_token=cls_t, eos_token=sep_t)
     if unk is not None:
         kwargs["unk_token"] = unk
+    if config.causal:
+        # A decoder reads "[CLS] text" and generates on: no trailing [SEP] from the tokenizer, or
+        # lm-evaluation-harness (context/continuation split by length) would score the wrong tokens.
+        kwargs.update(add_bos_token=True, add_eos_token=False)
     # ModernBERT takes no token_type_ids: name the inputs so tokenizer(...) output can be fed as **kwargs.
     return PreTrainedTokenizerFast(
         tokenizer_file=str(path), model_max_length=config.max_seq_len, model_input_names=["input_ids", "attention_mask"], **kwargs
