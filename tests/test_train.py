@@ -155,3 +155,26 @@ def test_bad_input_one_line_errors(tiny_data, tmp_path):
         train(nodata, tmp_path / "w", progress=False)
     assert not (tmp_path / "y" / "checkpoints").exists() and not (tmp_path / "z" / "checkpoints").exists()
     del runner
+
+
+def test_batch_order_export_and_decode(tiny_data, tmp_path):
+    import pyarrow.parquet as pq
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_data, **{"train.tokens": 3 * 8 * 32})
+    train(recipe, tmp_path / "run", progress=False)
+    r = CliRunner().invoke(app, ["batches", str(tmp_path / "run"), "--export", str(tmp_path / "order.parquet")])
+    assert r.exit_code == 0, r.output
+    t = pq.read_table(tmp_path / "order.parquet").to_pydict()
+    assert t["step"] == [1] * 8 + [2] * 8 + [3] * 8 and t["row"] == list(range(24))
+    import hashlib
+
+    import numpy as np
+
+    m = metrics(tmp_path / "run")
+    for step in (1, 2, 3):
+        ids = np.asarray([row for s, row in zip(t["step"], t["input_ids"]) if s == step], dtype="<i8")
+        assert hashlib.sha256(ids.tobytes()).hexdigest() == m[step - 1]["batch_hash"]
+    r = CliRunner().invoke(app, ["batches", str(tmp_path / "run"), "--step", "2", "--decode"])
+    assert r.exit_code == 0 and r.output.count("--- row") == 8
+    r = CliRunner().invoke(app, ["batches", str(tmp_path / "run"), "--step", "99"])
+    assert r.exit_code != 0

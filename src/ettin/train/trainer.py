@@ -560,7 +560,14 @@ def train(
             for ln in learners:
                 if batch_hash(ids) != bh:
                     raise EttinError(f"step {step}: {ln.kind} would train on a different batch than its pair ({bh})")
-                r = ln.step(p, ids, docs)
+                try:
+                    r = ln.step(p, ids, docs)
+                except torch.OutOfMemoryError:
+                    st = ln.stage.train
+                    raise EttinError(
+                        f"step {step}: {ln.kind} ran out of GPU memory (micro_batch {st.micro_batch} x seq_len {st.seq_len}); "
+                        "lower train.micro_batch (the global batch stays the same) or set model.activation_checkpointing=true"
+                    ) from None
                 if not math.isfinite(r["loss"]):
                     good = ln.run.list_checkpoints()
                     where = f"last good checkpoint: {good[-1][1]}" if good else "no checkpoint was written yet"
