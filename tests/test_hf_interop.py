@@ -185,7 +185,8 @@ def test_export_tokenizer_loads_offline(exported):
     tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
     assert (tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, tok.mask_token_id) == (0, 1, 2, 3)
     assert tok.bos_token_id == 0 and tok.eos_token_id == 1 and tok.unk_token == "[UNK]"
-    assert tok("w1 w2")["input_ids"] == [0, 6, 7, 1]
+    # encoders read "[CLS] text [SEP]"; decoders "[CLS] text" (generation and lm-eval continue it)
+    assert tok("w1 w2")["input_ids"] == ([0, 6, 7] if model.config.causal else [0, 6, 7, 1])
     assert tok.model_max_length == model.config.max_seq_len
     assert "token_type_ids" not in tok("w1")
     assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
