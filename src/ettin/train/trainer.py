@@ -529,9 +529,14 @@ def train(
     peak = first[0].logging.peak_flops or _device_peak(d.device)
     bar = _Progress(enabled=progress and d.is_main, total=stop_at, start=start)
 
+    pin = d.device.type == "cuda"
+
     def fetch(si: int, row: int, n: int):
+        """Rows of the global batch, read from the memmaps (and pinned for a fast copy to the GPU)."""
         ids, docs = mix_for(si).rows(row, n)
-        return torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)), torch.from_numpy(np.ascontiguousarray(docs).astype(np.int64))
+        ids = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
+        docs = torch.from_numpy(np.ascontiguousarray(docs).astype(np.int64))
+        return (ids.pin_memory(), docs.pin_memory()) if pin else (ids, docs)
 
     pre = Prefetcher(fetch)
     first_losses = {ln.kind: None for ln in learners}
