@@ -1,0 +1,99 @@
+"""Python entry points: :func:`evaluate` one model, :func:`evaluate_all` a path's models.
+
+Task files are read and checked once (:func:`prepare`), before any model is loaded, so a
+trajectory of many checkpoints reads its data once and bad input fails before slow work.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from ettin.errors import EttinError
+from ettin.eval.loading import EvalModel, check_device, load_for_eval
+from ettin.eval.options import EvalOptions
+from ettin.eval.tasks import TaskSpec, data_dir_or_default, resolve_tasks
+
+
+def make_options(options: EvalOptions | None = None, **overrides) -> EvalOptions:
+    opts = options or EvalOptions()
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    for k in ("seeds", "lrs"):
+        if k in overrides:
+            overrides[k] = tuple(overrides[k])
+    return opts.replace(**overrides).validate()
+
+
+def prepare(tasks, data_dir, split: str, opts: EvalOptions) -> list[tuple[TaskSpec, object]]:
+    data_dir = data_dir_or_default(data_dir)
+    specs = resolve_tasks(tasks, data_dir)
+    return [(s, s.module.load(s, s.task_dir(data_dir), split, opts)) for s in specs]
+
+
+def run_prepared(em: EvalModel, prepared: list[tuple[TaskSpec, object]], opts: EvalOptions,
+                 on_task: Callable[[str, dict, float], None] | None = None) -> dict[str, dict]:
+    results: dict[str, dict] = {}
+    for spec, data in prepared:
+        t0 = time.perf_counter()
+        res = spec.module.run(em, spec, data, opts)
+        results[spec.name] = res
+        if on_task is not None:
+            on_task(spec.name, res, time.perf_counter() - t0)
+    return results
+
+
+def _as_eval_model(model, tokenizer, device: str | None) -> EvalModel:
+    if isinstance(model, EvalModel):
+        if device is not None:
+            model.device = str(check_device(device))
+        return model
+    if isinstance(model, (str, Path)):
+        models = load_for_eval(model, device or "cpu")
+        if len(models) != 1:
+            raise EttinError(f"{model}: holds {len(models)} checkpoints; use evaluate_all for a run directory")
+        return models[0]
+    if hasattr(model, "config") and hasattr(model, "encode"):
+        if tokenizer is None:
+            raise EttinError("evaluate: pass tokenizer= with an in-memory model")
+        em = EvalModel.from_model(model, tokenizer)
+        if device is not None:
+            em.device = str(check_device(device))
+        return em
+    raise EttinError(f"evaluate: cannot evaluate a {type(model).__name__} (give an EvalModel, a Transformer or a path)")
+
+
+def evaluate(model, tasks, data_dir=None, split: str = "validation", *, tokenizer=None, options: EvalOptions | None = None,
+             on_task: Callable[[str, dict, float], None] | None = None, **overrides) -> dict[str, dict]:
+    """``{task: {metric: value, ..., "n": count}}`` for one model.
+
+    ``model``: an :class:`EvalModel`, an ``ettin.model.Transformer`` (with ``tokenizer=`` a
+    ``tokenizers.Tokenizer`` or a tokenizer directory), or the path of one checkpoint / HF dir.
+    ``tasks``: names and groups, as a list or a comma-separated string. ``overrides`` set
+    :class:`EvalOptions` fields (``limit=``, ``batch_size=``, ``device=``, ``seeds=``, ...).
+    """
+    opts = make_options(options, **overrides)
+    em = _as_eval_model(model, tokenizer, overrides.get("device"))
+    prepared = prepare(tasks, data_dir, split, opts)
+    return run_prepared(em, prepared, opts, on_task)
+
+
+def record(em: EvalModel, results: dict) -> dict:
+    """The JSON object for one evaluated model (a trajectory is a list of these)."""
+    return {"model": em.name, "kind": em.kind, "step": em.step, "tokens": em.tokens, "results": results}
+
+
+def evaluate_all(path, tasks, data_dir=None, split: str = "validation", *, options: EvalOptions | None = None,
+                 on_model: Callable[[EvalModel, dict], None] | None = None, **overrides) -> list[dict]:
+    """Every model ``path`` names (checkpoint, run directory, pair, HF directory), one record each."""
+    opts = make_options(options, **overrides)
+    models = path if isinstance(path, list) else load_for_eval(path, opts.device)
+    prepared = prepare(tasks, data_dir, split, opts)
+    out = []
+    for em in models:
+        res = run_prepared(em, prepared, opts)
+        out.append(record(em, res))
+        if on_model is not None:
+            on_model(em, res)
+        em.release()
+    return out

@@ -1,0 +1,116 @@
+"""What fine-tuned tasks share: pooling, padded batches, a fresh copy of the backbone, the schedule.
+
+Pooling: encoders ``mean`` (over real tokens) or ``cls`` (position 0); decoders ``last`` (the
+last real token, the only one that has seen the whole input) or ``mean``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def pool(hidden: torch.Tensor, lengths: torch.Tensor, how: str) -> torch.Tensor:
+    """[B, L, H] -> [B, H]; ``lengths`` are the real-token counts (right padding)."""
+    B, L, _ = hidden.shape
+    if how == "cls":
+        return hidden[:, 0]
+    if how == "last":
+        return hidden[torch.arange(B, device=hidden.device), lengths - 1]
+    m = (torch.arange(L, device=hidden.device)[None, :] < lengths[:, None]).to(hidden.dtype)
+    return (hidden * m[..., None]).sum(1) / lengths[:, None].to(hidden.dtype)
+
+
+def pooling_for(config, opts) -> str:
+    return opts.decoder_pooling if config.causal else opts.encoder_pooling
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    lens = [len(s) for s in seqs]
+    L = max(lens)
+    x = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        x[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+    lengths = torch.as_tensor(lens)
+    am = None if min(lens) == L else (torch.arange(L)[None, :] < lengths[:, None])
+    return x.to(device), (am.to(device) if am is not None else None), lengths.to(device)
+
+
+def frame(ids: list[int], cls_id: int, sep_id: int, max_length: int) -> list[int]:
+    """``[CLS] ids [SEP]`` cut to ``max_length``."""
+    return [cls_id, *ids[: max(0, max_length - 2)], sep_id]
+
+
+def frame_pair(a: list[int], b: list[int] | None, cls_id: int, sep_id: int, max_length: int) -> list[int]:
+    """``[CLS] a [SEP] (b [SEP])``, truncating the longer text first (longest-first)."""
+    if b is None:
+        return frame(a, cls_id, sep_id, max_length)
+    a, b = list(a), list(b)
+    budget = max_length - 3
+    while len(a) + len(b) > budget:
+        if len(a) >= len(b):
+            a.pop()
+        else:
+            b.pop()
+    return [cls_id, *a, sep_id, *b, sep_id]
+
+
+def fresh_copy(model) -> nn.Module:
+    """A trainable deep copy of the backbone (the evaluated model itself is never touched)."""
+    m = copy.deepcopy(model)
+    m.train()
+    for p in m.parameters():
+        p.requires_grad_(True)
+    return m
+
+
+def embed(model, seqs: list[list[int]], *, pad_id: int, pooling: str, batch_size: int, normalize: bool = False) -> torch.Tensor:
+    """Pooled hidden states of many sequences (batched longest first), [N, H] on the model's device."""
+    dev = next(model.parameters()).device
+    out = [None] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for s in range(0, len(order), batch_size):
+            chunk = order[s:s + batch_size]
+            x, am, lengths = pad_batch([seqs[i] for i in chunk], pad_id, dev)
+            h = pool(model.encode(x, attention_mask=am), lengths, pooling).float()
+            if normalize:
+                h = F.normalize(h, dim=-1)
+            for j, i in enumerate(chunk):
+                out[i] = h[j]
+    model.train(was_training)
+    if not seqs:
+        return torch.zeros(0, model.config.hidden)
+    return torch.stack(out)
+
+
+def optimizer(params, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
+
+
+def linear_schedule(opt, total_steps: int, warmup: float = 0.06):
+    w = max(1, int(round(total_steps * warmup)))
+
+    def f(step: int) -> float:
+        if step < w:
+            return (step + 1) / w
+        return max(0.0, (total_steps - step) / max(1, total_steps - w))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+def shuffled(n: int, seed: int) -> list[int]:
+    idx = list(range(n))
+    random.Random(seed).shuffle(idx)
+    return idx
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return max(1, math.ceil(n / batch_size))

@@ -1,0 +1,54 @@
+"""Open-ended QA (``qa/triviaqa``: id, question, answer, aliases): decoders only.
+
+As the harness's ``triviaqa`` task: prompt ``Question: {question}?\\nAnswer:`` (no doubled
+question mark), greedy generation stopped at a newline, "." or ",", leading whitespace removed,
+then SQuAD-style normalised exact match against every alias (and the answer). Encoders do not
+generate; their result is a note, not a number.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ettin.errors import EttinError
+from ettin.eval import scoring
+from ettin.eval.data import load_records, require_split
+from ettin.eval.metrics import exact_match
+
+KNOWN = ("triviaqa",)
+STOP = ("\n", ".", ",")
+
+
+def prompt(question: str) -> str:
+    q = question.strip()
+    return f"Question: {q if q.endswith('?') else q + '?'}\nAnswer:"
+
+
+def load(spec, task_dir: Path, split: str, opts) -> list[dict]:
+    files = require_split(task_dir, split, spec.name)
+    docs = load_records(files, {"question": str}, what="QA")
+    for d in docs:
+        answers = list(d.get("aliases") or [])
+        if isinstance(d.get("answer"), str):
+            answers.append(d["answer"])
+        if not answers or not all(isinstance(a, str) for a in answers):
+            raise EttinError(f"{d['_where']}: QA lines need 'aliases' (a list of strings) and/or 'answer'")
+        d["_answers"] = answers
+    if opts.limit:
+        docs = docs[: opts.limit]
+    return docs
+
+
+def run(em, spec, docs: list[dict], opts) -> dict:
+    if em.is_encoder:
+        return {"note": "not applicable: encoders do not generate text (decoder-only task)", "n": 0}
+    cfg = em.config
+    tok = em.tokenizer
+    prompts = tok.encode_batch([prompt(d["question"]) for d in docs])
+    if opts.bos:
+        prompts = [[cfg.cls_id] + p for p in prompts]
+    outs = scoring.greedy_generate(em.model, tok, prompts, pad_id=cfg.pad_id, eos_id=cfg.sep_id, batch_size=opts.batch_size,
+                                   max_new_tokens=opts.max_new_tokens, stop=STOP, max_length=opts.max_length)
+    em_sum = sum(exact_match(o.lstrip(), d["_answers"]) for o, d in zip(outs, docs))
+    n = len(docs)
+    return {"exact_match": em_sum / n if n else float("nan"), "n": n}
