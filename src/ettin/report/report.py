@@ -114,7 +114,7 @@ def _task_metrics(runs: list[Run]) -> dict[str, list[str]]:
             for task, metrics in e.results.items():
                 lst = out.setdefault(task, [])
                 for m in metrics:
-                    if m != "n" and m not in lst:
+                    if m not in ("n", "tokens") and m not in lst:  # counts, not scores
                         lst.append(m)
     return out
 
