@@ -65,3 +65,19 @@ def write_recipe(path, data_dir, **over):
         cur[parts[-1]] = v
     path.write_text(yaml.safe_dump(d))
     return path
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory):
+    """A tiny word-level tokenizer for evaluation tests."""
+    from ettin.eval.testing import tiny_tokenizer
+
+    return tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tok")
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """A tiny evaluation data directory in the layout of ../shared/data."""
+    from ettin.eval.testing import write_tiny_data
+
+    return write_tiny_data(tmp_path_factory.mktemp("data") / "data")

@@ -9,31 +9,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from ettin.cli import app
 from ettin.errors import EttinError
 from ettin.eval import EvalOptions, evaluate, load_for_eval, prepare, resolve_tasks
-from ettin.eval.testing import tiny_checkpoint, tiny_tokenizer, write_tiny_data
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    return tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tok")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_tiny_data(tmp_path_factory.mktemp("data") / "data")
+from ettin.eval.testing import tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -11,21 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ettin.eval import EvalModel, EvalOptions, load_for_eval, mc, scoring
-from ettin.eval.testing import tiny_checkpoint, tiny_model, tiny_tokenizer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and lose a lot on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    return tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tok")
+from ettin.eval.testing import tiny_checkpoint, tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -12,26 +12,7 @@ import torch.nn.functional as F
 
 from ettin.errors import EttinError
 from ettin.eval import EvalModel, EvalOptions, evaluate, lm, prepare, winogender
-from ettin.eval.testing import tiny_model, tiny_tokenizer, write_tiny_data
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and lose a lot on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    return tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tok")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_tiny_data(tmp_path_factory.mktemp("data") / "data")
+from ettin.eval.testing import tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -126,7 +126,7 @@ def test_stableadamw_one_step_matches_formula():
     p.grad = g.clone()
     w0 = p.detach().clone()
     opt.step()
-    b1, b2, eps, lr, wd = 0.9, 0.98, 1e-6, 0.05, 0.5
+    b1, eps, lr, wd = 0.9, 1e-6, 0.05, 0.5  # beta2 drops out of the debiased first step
     m1 = (1 - b1) * g / (1 - b1)  # debiased first step: m = g
     v1 = g * g
     rms = torch.sqrt(torch.mean(g * g / torch.maximum(v1, torch.tensor(eps * eps))))
