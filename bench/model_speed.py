@@ -1,11 +1,16 @@
 """Training-step speed of our Transformer vs transformers' ModernBERT at the same config.
 
-One step = forward + loss + backward + torch.optim.AdamW step, for both implementations, on the
-same weights and the same batch. Encoder: MLM at 30% with sparse prediction on both sides
-(ours: ``predict_mask``; transformers: ``config.sparse_prediction=True`` with labels -100
-elsewhere). Decoder: CLM with full logits on both sides. Steps of the two implementations are
-interleaved (after a warmup) so background load hits both alike; the median step time is reported.
-On a shared machine single steps vary a lot: compare the two implementations of one run, not runs.
+One step = forward + loss + backward + optimizer step, on the same weights and the same batch.
+Ours is the trainer's compute (``Learner.step``): ``model(x, labels=y)`` (sparse prediction,
+fused chunked head + cross-entropy), gradient-norm computation, and the trainer's optimizer
+(StableAdamW, ``ettin.train.optim.build_optimizer``). Transformers: ``ModernBertForMaskedLM`` /
+``ModernBertDecoderForCausalLM`` with their own loss and ``torch.optim.AdamW`` with its defaults,
+as users run it (``--same-optimizer`` gives ours AdamW too). Encoder: MLM at 30% with sparse
+prediction on both sides (transformers: ``config.sparse_prediction=True``). Decoder: CLM with
+logits at every position on both sides. Steps of the two implementations are interleaved
+(after a warmup), alternating who goes first, so background load hits both alike; the median
+step time is reported. On a shared machine single steps vary a lot: compare the two
+implementations of one run, not runs.
 
     python bench/model_speed.py                       # 17m, batch 8 x 512, fp32, CPU, 2 threads
     python bench/model_speed.py --kind encoder --steps 3 --json
@@ -20,7 +25,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from ettin.config import MODERNBERT_VOCAB, preset
 from ettin.convert.hf import to_hf_state_dict
@@ -58,20 +62,24 @@ def make_batch(kind: str, batch: int, seq_len: int, cfg, seed: int = 0):
     return mlm(ids, rate=0.3, mask_id=cfg.mask_id, special_ids=cfg.special_ids, random_ids=cfg.vocab_size, generator=g)
 
 
-def step_fns(kind: str, ours, theirs, inputs, labels, fused: bool = False):
-    """One training step for each implementation, as closures (the same optimizer on both sides)."""
-    opt_o = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=fused or None)
+def step_fns(kind: str, ours, theirs, inputs, labels, fused: bool = False, same_optimizer: bool = False):
+    """One training step for each implementation, as closures."""
+    from ettin.train.optim import build_optimizer
+    from ettin.train.recipe import OptimSection
+
+    if same_optimizer:
+        opt_o = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=fused or None)
+    else:
+        opt_o = build_optimizer(ours, OptimSection(lr=1e-4))
     opt_t = torch.optim.AdamW(theirs.parameters(), lr=1e-4, fused=fused or None)
-    where = labels != IGNORE
+    n_loss = int((labels != IGNORE).sum())
 
     def ours_step() -> float:
-        if kind == "encoder":
-            logits = ours(inputs, predict_mask=where)
-            loss = F.cross_entropy(logits, labels[where])
-        else:
-            logits = ours(inputs)
-            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=IGNORE)
+        # what Learner.step computes: summed CE over labelled positions (fused head + loss),
+        # scaled to the mean, gradient norm, optimizer step
+        loss = ours(inputs, labels=labels) / n_loss
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(ours.parameters(), float("inf"))
         opt_o.step()
         opt_o.zero_grad(set_to_none=True)
         return loss.item()
@@ -87,10 +95,16 @@ def step_fns(kind: str, ours, theirs, inputs, labels, fused: bool = False):
     return {"ettin": ours_step, "transformers": theirs_step}
 
 
-def bench(kind: str, size: str, batch: int, seq_len: int, steps: int, warmup: int, fused: bool = False) -> dict[str, float]:
+def optimizer_names(fused: bool, same_optimizer: bool) -> dict[str, str]:
+    theirs = "AdamW(fused)" if fused else "AdamW"
+    return {"ettin": theirs if same_optimizer else "StableAdamW(ettin)", "transformers": theirs}
+
+
+def bench(kind: str, size: str, batch: int, seq_len: int, steps: int, warmup: int, fused: bool = False,
+          same_optimizer: bool = False) -> dict[str, float]:
     ours, theirs = make_pair(kind, size)
     inputs, labels = make_batch(kind, batch, seq_len, ours.config)
-    fns = step_fns(kind, ours, theirs, inputs, labels, fused)
+    fns = step_fns(kind, ours, theirs, inputs, labels, fused, same_optimizer)
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -104,6 +118,19 @@ def bench(kind: str, size: str, batch: int, seq_len: int, steps: int, warmup: in
     return {name: batch * seq_len / statistics.median(ts) for name, ts in times.items()}
 
 
+def cpu_model() -> str:
+    """The CPU's name (for the record: a figure means little without the machine)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", default="17m")
@@ -113,16 +140,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps per implementation (after warmup)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--fused-optimizer", action="store_true", help="AdamW(fused=True) on both sides (default: the plain AdamW)")
+    p.add_argument("--fused-optimizer", action="store_true", help="transformers (and --same-optimizer ours) with AdamW(fused=True)")
+    p.add_argument("--same-optimizer", action="store_true", help="ours with transformers' AdamW instead of the trainer's StableAdamW")
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    # what the trainer does on a CPU (process-wide, so transformers' steps get it too)
+    from ettin.model.transformer import tune_cpu_allocator
+
+    tune_cpu_allocator()
     kinds = ["encoder", "decoder"] if a.kind == "both" else [a.kind]
     for kind in kinds:
-        tps = bench(kind, a.size, a.batch, a.seq_len, a.steps, a.warmup, a.fused_optimizer)
+        tps = bench(kind, a.size, a.batch, a.seq_len, a.steps, a.warmup, a.fused_optimizer, a.same_optimizer)
+        names = optimizer_names(a.fused_optimizer, a.same_optimizer)
         for impl, v in tps.items():
             rec = {"impl": impl, "kind": kind, "size": a.size, "device": "cpu", "threads": a.threads, "batch": a.batch, "seq_len": a.seq_len,
-                   "optimizer": "AdamW(fused)" if a.fused_optimizer else "AdamW", "tokens_per_s": round(v, 1)}
+                   "optimizer": names[impl], "tokens_per_s": round(v, 1), "cpu": cpu_model(), "torch": torch.__version__}
             if a.json:
                 print(json.dumps(rec), flush=True)
             else:

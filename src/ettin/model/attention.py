@@ -69,6 +69,78 @@ def sdpa(q, k, v, mask: torch.Tensor | None, *, causal: bool) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+class BandPlan:
+    """Sliding-window attention as attention inside bands (the SDPA path's local layers).
+
+    Queries in blocks of ``block`` attend only to their band of keys, ``block + left + right``
+    wide, instead of all L keys through an L x L mask: the same result (masked entries get no
+    weight either way) with a fraction of the work when L is several windows long. The mask
+    inside the bands carries the window, causality, documents and padding exactly as
+    :func:`sdpa_mask` does; queries past the end (block padding) see only themselves (finite,
+    and their outputs are dropped).
+    """
+
+    def __init__(self, doc_ids: torch.Tensor | None, B: int, L: int, device, *, causal: bool, window: tuple[int, int], block: int):
+        left, right = window
+        if causal:
+            right = 0
+        self.B, self.L, self.block, self.left, self.right = B, L, block, left, right
+        self.nb = -(-L // block)
+        self.Lq = self.nb * block
+        self.Kb = block + left + right
+        qpos = torch.arange(self.nb, device=device)[:, None] * block + torch.arange(block, device=device)[None, :]  # [nb, block]
+        kpos = torch.arange(self.nb, device=device)[:, None] * block - left + torch.arange(self.Kb, device=device)[None, :]  # [nb, Kb]
+        d = kpos[:, None, :] - qpos[:, :, None]  # key - query, [nb, block, Kb]
+        ok = (d >= -left) & (d <= right) & (kpos[:, None, :] >= 0) & (kpos[:, None, :] < L)
+        if causal:
+            ok &= d <= 0
+        if doc_ids is not None:
+            kd = F.pad(doc_ids, (left, self.Lq - L + right), value=-2).unfold(1, self.Kb, block)  # [B, nb, Kb]
+            qd = F.pad(doc_ids, (0, self.Lq - L), value=-3).view(B, self.nb, block)
+            ok = ok[None] & (qd[..., None] == kd[:, :, None, :])
+        else:
+            ok = ok[None].expand(B, -1, -1, -1)
+        beyond = (qpos >= L)[:, :, None] & (d == 0)  # block padding: attend to itself only
+        ok = ok | beyond[None]
+        self.allowed = ok.reshape(B * self.nb, 1, block, self.Kb)
+        self._masks: dict = {}
+
+    def mask(self, dtype: torch.dtype) -> torch.Tensor:
+        m = self._masks.get(dtype)
+        if m is None:
+            m = torch.zeros(self.allowed.shape, dtype=dtype, device=self.allowed.device)
+            m.masked_fill_(~self.allowed, float("-inf"))
+            self._masks[dtype] = m
+        return m
+
+    def _bands(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, h, D] keys/values -> [B * nb, h, Kb, D] bands."""
+        B, L, h, D = x.shape
+        xp = F.pad(x, (0, 0, 0, 0, self.left, self.Lq - L + self.right))  # [B, Lp, h, D]
+        xb = xp.unfold(1, self.Kb, self.block)  # [B, nb, h, D, Kb]
+        return xb.permute(0, 1, 4, 2, 3).reshape(B * self.nb, self.Kb, h, D).transpose(1, 2)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        B, h, L, D = q.shape
+        ql = q.transpose(1, 2)  # [B, L, h, D]
+        if self.Lq != L:
+            ql = F.pad(ql, (0, 0, 0, 0, 0, self.Lq - L))
+        qb = ql.reshape(B * self.nb, self.block, h, D).transpose(1, 2)
+        kb, vb = self._bands(k.transpose(1, 2)), self._bands(v.transpose(1, 2))
+        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=self.mask(q.dtype))  # [B * nb, h, block, D]
+        o = o.transpose(1, 2).reshape(B, self.Lq, h, D)
+        return o[:, :L].transpose(1, 2)
+
+
+def band_plan(doc_ids: torch.Tensor | None, B: int, L: int, device, *, causal: bool, window: tuple[int, int], block: int = 128) -> BandPlan | None:
+    """A :class:`BandPlan` when bands save work over the full L x L mask, else None."""
+    left, right = window
+    width = block + left + (0 if causal else right)
+    if -(-L // block) * block * width > 0.75 * L * L:  # bands would cover (nearly) everything
+        return None
+    return BandPlan(doc_ids, B, L, device, causal=causal, window=window, block=block)
+
+
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)

@@ -7,6 +7,9 @@ DecoupledAdamW that ModernBERT used. Norm weights and biases get no decay.
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 
 from ettin.train.recipe import OptimSection
@@ -30,10 +33,37 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimSection) -> torch.optim.Op
     betas = (float(cfg.betas[0]), float(cfg.betas[1]))
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    # optimi picks its triton kernels on a GPU. Elsewhere its default is a per-tensor loop; its
+    # foreach path is faster on a CPU (bench/README.md) and is the same math. It is deprecated
+    # in favour of triton (hence the silenced warning), and only used where triton is not.
+    params = [p for g in groups for p in g["params"]]
+    foreach = bool(params) and all(p.device.type == "cpu" and type(p) is torch.nn.Parameter for p in params)
+    cls = _stable_adamw()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Parameter `foreach` is deprecated", category=DeprecationWarning)
+        return cls(
+            groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay, decouple_lr=True, max_lr=cfg.lr,
+            foreach=True if foreach else None,
+        )
+
+
+@functools.lru_cache(maxsize=1)
+def _stable_adamw():
     from optimi import StableAdamW
 
-    # foreach on CPU keeps the per-tensor loop cheap; triton is picked by optimi on GPU when present.
-    return StableAdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay, decouple_lr=True, max_lr=cfg.lr)
+    class _StableAdamW(StableAdamW):
+        """optimi's StableAdamW; its foreach path only for groups that have gradients this step
+        (optimi's foreach step fails on an empty list of tensors)."""
+
+        def step(self, closure=None, param=None):
+            if param is None:
+                for g in self.param_groups:
+                    if g.get("foreach") or g.get("_foreach"):
+                        g["_foreach"] = True
+                        g["foreach"] = any(p.grad is not None for p in g["params"])
+            return super().step(closure, param)
+
+    return _StableAdamW
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

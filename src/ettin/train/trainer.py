@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file, save_file
 
@@ -317,9 +316,8 @@ class Learner:
             y = labels[c : c + mb].to(dev, non_blocking=True)
             dm = docs_m[c : c + mb].to(dev, non_blocking=True)
             with D.grad_sync(self.wrapped, sync=(i == len(chunks) - 1)), amp:
-                where = y != O.IGNORE
-                logits = self.wrapped(x, doc_ids=dm, predict_mask=where)
-                ce = F.cross_entropy(logits.float(), y[where], reduction="sum")
+                # summed CE over y != -100: sparse prediction + fused, chunked head and loss
+                ce = self.wrapped(x, doc_ids=dm, labels=y)
                 (ce * scale).backward()
             loss_sum += ce.detach()
         clip = st.optim.grad_clip if st.optim.grad_clip is not None else float("inf")
@@ -447,6 +445,10 @@ def train(
     if kind is not None:
         stages = [replace(s, model=replace(s.model, kind=kind)) for s in stages]
     d = D.init(stages[0].train.device, stages[0].distributed.backend)
+    if d.device.type == "cpu":
+        from ettin.model.transformer import tune_cpu_allocator
+
+        tune_cpu_allocator()  # reuse freed activations instead of page-faulting them back in
     out = Path(out)
     if pair:
         for s in stages:

@@ -1,0 +1,273 @@
+"""Speed of the real trainer (``ettin train``'s loop) vs transformers' ModernBERT at one size.
+
+Ours: ``ettin.train.trainer.train`` on a prepared data directory (the shipped demo corpus with a
+small BPE tokenizer; the model keeps the size's full vocabulary, 50,368 by default): loader
+(prefetch thread, memmaps), objective (MLM 30% / CLM on packed documents with document
+masking), the trainer's forward/backward/optimizer (``Learner.step``), metrics logging. The
+wall time of each step counts everything between two steps; ``overhead_share`` is the part of
+it spent outside ``Learner.step`` (loader wait, batch hashing, logging).
+
+Transformers: ``ModernBertForMaskedLM`` (``sparse_prediction=True``, MLM labels from the same
+objective function on the same rows) / ``ModernBertDecoderForCausalLM`` (CLM over every
+position), random init at the same config, ``torch.optim.AdamW`` (default on a CPU; fused, as the
+issue's anchors, on a GPU), bf16 autocast on a GPU. It has no document masking (its API takes
+none); the work per token is the same.
+
+On a CPU the two run interleaved in one process (each trainer step is followed by one
+transformers step on the same rows), so background load hits both alike; medians after a
+warmup. ``--sequential`` (default on a GPU) runs ours then theirs, each alone (clean peak memory).
+
+    python bench/train_speed.py --device cpu --size 17m --json
+    python bench/train_speed.py --device cuda --size 150m --batch 32 --seq-len 1024 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+
+def prepare_data(root: Path, docs: int = 404) -> Path:
+    """Tokenizer (BPE, 1024) + data directory from the shipped demo corpus (cached in ``root``)."""
+    from ettin.data import demo_corpus_path
+    from ettin.data.prepare import prepare
+    from ettin.data.tokenizer import train_tokenizer
+
+    data = root / "data"
+    if (data / "manifest.json").exists() or any(data.glob("*.json")):
+        return data
+    root.mkdir(parents=True, exist_ok=True)
+    texts = []
+    with gzip.open(demo_corpus_path(), "rt", encoding="utf-8") as fh:
+        for line in fh:
+            texts.append(json.loads(line)["text"])
+            if len(texts) == docs:
+                break
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    train_tokenizer(iter(texts), root / "tok", 1024)
+    prepare([corpus], root / "tok", data, workers=1)
+    return data
+
+
+def write_recipe(path: Path, data: Path, *, size: str, kind: str, vocab: int, batch: int, micro: int, seq_len: int,
+                 steps: int, device: str, precision: str, compile_blocks: bool) -> Path:
+    d = {
+        "name": "bench",
+        "model": {"size": size, "kind": kind, "vocab_size": vocab, "compile": compile_blocks},
+        "data": {"sources": [{"path": str(data), "weight": 1.0}]},
+        "train": {"tokens": steps * batch * seq_len, "seq_len": seq_len, "global_batch": batch, "micro_batch": micro,
+                  "mask_rate": 0.3, "seed": 0, "rope_theta": 10000, "device": device, "precision": precision},
+        "optim": {"lr": 1e-4, "schedule": {"kind": "warmup_constant", "warmup_tokens": 0}},
+        "checkpoint": {"every_tokens": 10**15},
+        "logging": {"tensorboard": False},
+    }
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+class TheirStep:
+    """One transformers training step on the rows the trainer just used."""
+
+    def __init__(self, cfg, kind: str, dev: torch.device):
+        from transformers import ModernBertDecoderForCausalLM, ModernBertForMaskedLM
+
+        from ettin.convert.hf import hf_config_for
+
+        hf_cfg = hf_config_for(cfg)
+        hf_cfg._attn_implementation = "sdpa"
+        if kind == "encoder":
+            hf_cfg.sparse_prediction = True
+        torch.manual_seed(0)
+        self.model = (ModernBertDecoderForCausalLM if kind == "decoder" else ModernBertForMaskedLM)(hf_cfg).to(dev).train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True if dev.type == "cuda" else None)
+        self.cfg, self.kind, self.dev = cfg, kind, dev
+
+    def __call__(self, ids: torch.Tensor, docs: torch.Tensor, mask_rate: float, step: int, micro: int) -> None:
+        from ettin import objectives as O
+
+        if self.kind == "encoder":
+            g = torch.Generator().manual_seed(step)
+            inputs, labels = O.make_batch("mlm", ids, config=self.cfg, mask_rate=mask_rate, doc_ids=docs, generator=g)
+        else:
+            inputs, labels = ids, ids  # the model shifts the labels itself
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.dev.type == "cuda" else contextlib.nullcontext()
+        n = inputs.shape[0]
+        for c in range(0, n, micro):
+            x, y = inputs[c:c + micro].to(self.dev), labels[c:c + micro].to(self.dev)
+            with amp:
+                loss = self.model(input_ids=x, labels=y).loss * (min(micro, n - c) / n)
+            loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        loss.item()
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_kind(a, kind: str, data: Path, work: Path) -> list[dict]:
+    from ettin.train import trainer as T
+
+    dev = torch.device(a.device)
+    steps = a.warmup + a.steps
+    recipe = write_recipe(work / f"{kind}.yaml", data, size=a.size, kind=kind, vocab=a.vocab_size, batch=a.batch,
+                          micro=a.micro_batch or a.batch, seq_len=a.seq_len, steps=steps + 1, device=a.device,
+                          precision="auto", compile_blocks=a.compile)
+    ours: list[tuple[float, float, float]] = []  # (enter, ours done, theirs done)
+    theirs_t: list[float] = []
+    peak = {"ettin": 0.0, "transformers": 0.0}
+    state: dict = {}
+    orig = T.Learner.step
+
+    def wrapped(self, plan, ids, docs):
+        sync(dev)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        r = orig(self, plan, ids, docs)
+        sync(dev)
+        t1 = time.perf_counter()
+        if dev.type == "cuda":
+            peak["ettin"] = max(peak["ettin"], torch.cuda.max_memory_allocated() / 2**30)
+        t2 = t1
+        if not a.sequential:
+            if "theirs" not in state:
+                state["theirs"] = TheirStep(self.model.config, kind, dev)
+            state["theirs"](ids, docs, plan.mask_rate, plan.step, a.micro_batch or a.batch)
+            sync(dev)
+            t2 = time.perf_counter()
+            theirs_t.append(t2 - t1)
+        ours.append((t0, t1, t2))
+        if "cfg" not in state:
+            state["cfg"] = self.model.config
+        return r
+
+    import shutil
+
+    shutil.rmtree(work / f"run-{kind}", ignore_errors=True)  # a leftover run would be resumed
+    T.Learner.step = wrapped
+    try:
+        T.train(recipe, work / f"run-{kind}", progress=False, max_steps=steps + 1)
+    finally:
+        T.Learner.step = orig
+    # step i's wall = its Learner.step + the trainer's time between the end of the previous step's
+    # work and this step's start (loader, logging, hashing); theirs is excluded
+    walls, computes, over = [], [], []
+    for i in range(1, len(ours)):
+        gap = ours[i][0] - ours[i - 1][2]
+        comp = ours[i][1] - ours[i][0]
+        walls.append(gap + comp)
+        computes.append(comp)
+        over.append(gap)
+    keep = slice(a.warmup, a.warmup + a.steps)
+    walls, computes, over = walls[keep], computes[keep], over[keep]
+    tokens = a.batch * a.seq_len
+    if a.sequential:
+        import gc
+
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        cfg = state["cfg"]
+        theirs = TheirStep(cfg, kind, dev)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(4, min(cfg.vocab_size, 1024), (a.batch, a.seq_len), generator=g)
+        docs = torch.zeros_like(ids)
+        for i in range(a.warmup + a.steps):
+            sync(dev)
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            theirs(ids, docs, 0.3, i, a.micro_batch or a.batch)
+            sync(dev)
+            theirs_t.append(time.perf_counter() - t0)
+            if dev.type == "cuda":
+                peak["transformers"] = max(peak["transformers"], torch.cuda.max_memory_allocated() / 2**30)
+    elif dev.type == "cuda":
+        peak["transformers"] = float("nan")  # interleaved: both models resident, not separable
+    theirs_t = theirs_t[a.warmup:a.warmup + a.steps] if a.sequential else theirs_t[1:][keep]
+    base = {"kind": kind, "size": a.size, "device": a.device, "batch": a.batch, "seq_len": a.seq_len, "vocab_size": a.vocab_size,
+            "threads": torch.get_num_threads() if dev.type == "cpu" else None, "steps": len(walls),
+            "mode": "sequential" if a.sequential else "interleaved", "torch": torch.__version__,
+            "cpu": cpu_model() if dev.type == "cpu" else None,
+            "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else None}
+    recs = [
+        {"impl": "ettin", **base, "tokens_per_s": round(tokens / statistics.median(walls), 1),
+         "compute_tokens_per_s": round(tokens / statistics.median(computes), 1),
+         "overhead_share": round(sum(over) / sum(walls), 4),
+         "optimizer": "StableAdamW(ettin)", "document_masking": True,
+         "peak_memory_gib": round(peak["ettin"], 3) if dev.type == "cuda" else None},
+        {"impl": "transformers", **base, "tokens_per_s": round(tokens / statistics.median(theirs_t), 1),
+         "optimizer": "AdamW(fused)" if dev.type == "cuda" else "AdamW", "document_masking": False,
+         "peak_memory_gib": (round(peak["transformers"], 3) if peak["transformers"] == peak["transformers"] else None) if dev.type == "cuda" else None},
+    ]
+    return recs
+
+
+def cpu_model() -> str:
+    """The CPU's name (for the record: a figure means little without the machine)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--size", default="17m")
+    p.add_argument("--kind", choices=["encoder", "decoder", "both"], default="both")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--micro-batch", type=int, default=None, help="default: the whole batch in one pass")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--vocab-size", type=int, default=50368)
+    p.add_argument("--steps", type=int, default=6, help="timed steps (after warmup)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="ours with model.compile=true (torch.compile per block)")
+    p.add_argument("--sequential", action="store_true", default=None, help="ours then theirs (default on a GPU)")
+    p.add_argument("--interleaved", dest="sequential", action="store_false")
+    p.add_argument("--workdir", default=None, help="where the data and runs go (default: a temporary directory)")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    if a.sequential is None:
+        a.sequential = a.device == "cuda"
+    if a.device == "cpu":
+        torch.set_num_threads(a.threads)
+    kinds = ["encoder", "decoder"] if a.kind == "both" else [a.kind]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(a.workdir or tmp)
+        data = prepare_data(work / "demo")
+        for kind in kinds:
+            recs = run_kind(a, kind, data, work)
+            for r in recs:
+                if a.json:
+                    print(json.dumps(r), flush=True)
+                else:
+                    extra = f"  (loader+logging {100 * r['overhead_share']:.1f}%)" if "overhead_share" in r else ""
+                    mem = f"  peak {r['peak_memory_gib']} GiB" if r.get("peak_memory_gib") else ""
+                    print(f"{kind:8s} {a.size:5s} {r['impl']:13s} {r['tokens_per_s']:12,.0f} tokens/s{extra}{mem}", flush=True)
+            if not a.json:
+                print(f"{kind:8s} {a.size:5s} ratio ettin/transformers = {recs[0]['tokens_per_s'] / recs[1]['tokens_per_s']:.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""Every speed-up computes what the plain computation does (values and gradients).
+
+- fused, chunked output projection + cross-entropy == F.cross_entropy(F.linear(...)) on full logits
+- the model's training path (``labels=``) == logits + F.cross_entropy, every parameter's gradient
+- oneDNN linear layers == F.linear; RoPE / GeGLU autograd functions == the plain ops
+- banded local attention == SDPA with the full L x L mask (window, causality, documents, pads)
+- the trainer's optimizer (optimi StableAdamW, foreach path on a CPU) == optimi's reference loop
+  and the formula, over several steps, and its state round-trips through state_dict
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ettin import objectives as O
+from ettin.config import preset, small_vocab_specials
+from ettin.model import Transformer
+from ettin.model import attention as A
+from ettin.model import transformer as T
+
+TOL = 1e-5
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = TOL) -> bool:
+    """Max abs difference within ``tol`` relative to the magnitude of ``b`` (at least 1)."""
+    if b.numel() == 0:
+        return a.shape == b.shape
+    return (a - b).abs().max().item() <= tol * max(1.0, b.abs().max().item())
+
+
+# -- fused linear + cross-entropy -------------------------------------------------------------------
+@pytest.mark.parametrize("N,V,H,chunk", [(300, 1000, 32, 64), (257, 4099, 48, None), (40, 64, 16, 7), (0, 64, 16, None)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_linear_cross_entropy_equals_full_logits(N, V, H, chunk, bias, reduction):
+    g = torch.Generator().manual_seed(N + V)
+    h = torch.randn(N, H, generator=g, requires_grad=True)
+    w = (torch.randn(V, H, generator=g) * 0.3).requires_grad_()
+    b = torch.randn(V, generator=g).requires_grad_() if bias else None
+    y = torch.randint(0, V, (N,), generator=g)
+    y[::5] = O.IGNORE  # ignored rows: no loss, no gradient
+    inputs = [t for t in (h, w, b) if t is not None]
+    ref = F.cross_entropy(F.linear(h, w, b), y, reduction=reduction)
+    got = O.linear_cross_entropy(h, w, b, y, reduction=reduction, chunk_rows=chunk)
+    if N == 0 and reduction == "mean":  # the mean over no tokens is NaN either way
+        assert torch.isnan(ref) and torch.isnan(got)
+        return
+    assert close(got, ref)
+    scale = 0.37  # the backward scales the stored gradients by the incoming one
+    g_ref = torch.autograd.grad(ref * scale, inputs, allow_unused=True)
+    g_got = torch.autograd.grad(got * scale, inputs, allow_unused=True)
+    for a, c in zip(g_got, g_ref):
+        c = torch.zeros_like(a) if c is None else c
+        assert close(a, c)
+
+
+def test_linear_cross_entropy_without_grad_and_all_ignored():
+    h, w, b = torch.randn(10, 8), torch.randn(20, 8), torch.randn(20)
+    y = torch.randint(0, 20, (10,))
+    with torch.no_grad():
+        assert close(O.linear_cross_entropy(h, w, b, y), F.cross_entropy(F.linear(h, w, b), y, reduction="sum"))
+    hh = h.clone().requires_grad_()
+    loss = O.linear_cross_entropy(hh, w, b, torch.full((10,), O.IGNORE))
+    loss.backward()
+    assert loss.item() == 0.0 and hh.grad.abs().max().item() == 0.0
+
+
+def test_linear_cross_entropy_under_bf16_autocast():
+    """The mixed-precision branch (what a GPU runs): bf16 products, fp32 softmax and grads."""
+    torch.manual_seed(0)
+    h = torch.randn(64, 32, requires_grad=True)
+    w = (torch.randn(300, 32) * 0.2).requires_grad_()
+    b = torch.randn(300).requires_grad_()
+    y = torch.randint(0, 300, (64,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(F.linear(h, w, b).float(), y, reduction="sum")
+        got = O.linear_cross_entropy(h, w, b, y, chunk_rows=16)
+    assert got.dtype == torch.float32
+    assert abs(got.item() - ref.item()) <= 2e-2 * abs(ref.item())
+    ga = torch.autograd.grad(got, (h, w, b))
+    gb = torch.autograd.grad(ref, (h, w, b))
+    for a, c in zip(ga, gb):
+        assert a.dtype == c.dtype
+        assert (a - c).abs().max().item() <= 3e-2 * c.abs().max().item()
+
+
+# -- the model's training path ------------------------------------------------------------------------
+V = 256
+
+
+def model(causal: bool, L: int = 300) -> tuple[Transformer, torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    cfg = preset("tiny", causal=causal, **small_vocab_specials(V))
+    m = Transformer(cfg)
+    with torch.no_grad():
+        m.out_bias.normal_()
+    x = torch.randint(4, V, (3, L))
+    docs = torch.zeros_like(x)
+    docs[0, 120:] = 1
+    docs[1, 50:] = 1
+    docs[1, 260:] = 2
+    inp, lab = O.make_batch("clm" if causal else "mlm", x, config=cfg, mask_rate=0.3, doc_ids=docs, generator=torch.Generator().manual_seed(0))
+    return m, inp, lab, docs
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_training_path_equals_logits_and_cross_entropy(causal):
+    m, inp, lab, docs = model(causal)
+    ref_m = copy.deepcopy(m)
+    where = lab != O.IGNORE
+    got = m(inp, doc_ids=docs, labels=lab)
+    ref = F.cross_entropy(ref_m(inp, doc_ids=docs, predict_mask=where).float(), lab[where], reduction="sum")
+    assert close(got, ref)
+    (got / where.sum()).backward()
+    (ref / where.sum()).backward()
+    for (name, p), q in zip(m.named_parameters(), ref_m.parameters()):
+        assert close(p.grad, q.grad), name
+    # objectives.loss takes the fused path and agrees with the dense logits
+    mean = O.loss(m, inp, lab, doc_ids=docs)
+    assert close(mean, ref / where.sum())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fast_kernels_equal_plain_pytorch(causal, monkeypatch):
+    """oneDNN linears, the RoPE/GeGLU functions and banded attention vs F.linear, plain ops and the
+    full-mask SDPA: logits and every gradient of a training step."""
+    m, inp, lab, docs = model(causal, L=400)
+    am = torch.ones_like(inp)
+    am[2, 350:] = 0
+    plain = copy.deepcopy(m)
+    where = lab != O.IGNORE
+
+    def run(net, fast: bool):
+        with monkeypatch.context() as mp:
+            if not fast:
+                mp.setattr(T, "use_onednn", lambda x, w: False)
+                mp.setattr(T._RopeQKV, "apply", lambda qkv, c, s: torch.cat((T.apply_rotary(qkv[:, :, :2], c, s), qkv[:, :, 2:]), dim=2))
+                mp.setattr(T._GeGLU, "apply", lambda x: F.gelu(x.chunk(2, -1)[0]) * x.chunk(2, -1)[1])
+                mp.setattr(A, "band_plan", lambda *a, **k: None)
+            else:
+                assert A.band_plan(A.fold_padding(docs, am, inp.shape, "cpu"), 3, 400, "cpu", causal=causal, window=net.config.window(), block=net.band_block) is not None
+            logits = net(inp, doc_ids=docs, attention_mask=am, predict_mask=where)
+            F.cross_entropy(logits, lab[where]).backward()
+            return logits
+
+    a, b = run(m, True), run(plain, False)
+    assert close(a, b)
+    for (name, p), q in zip(m.named_parameters(), plain.parameters()):
+        assert close(p.grad, q.grad), name
+
+
+def test_onednn_linear_matches_f_linear():
+    torch.manual_seed(0)
+    for shape, (n, k), bias in [((4, 30, 16), (48, 16), False), ((70, 24), (10, 24), True), ((5, 8), (300, 8), True)]:
+        x = torch.randn(shape, requires_grad=True)
+        w = torch.randn(n, k, requires_grad=True)
+        b = torch.randn(n, requires_grad=True) if bias else None
+        ins = [t for t in (x, w, b) if t is not None]
+        y = T.linear(x, w, b)
+        r = F.linear(x, w, b)
+        assert close(y, r)
+        go = torch.randn_like(r)
+        for a, c in zip(torch.autograd.grad(y, ins, go), torch.autograd.grad(r, ins, go)):
+            assert close(a, c)
+
+
+def test_rope_and_geglu_functions_match_plain_ops():
+    torch.manual_seed(0)
+    B, L, h, D = 2, 9, 3, 8
+    pos = torch.arange(L).expand(B, L)
+    cos, sin = T.Rotary(D, 500.0).cos_sin(pos, torch.float32)
+    qkv = torch.randn(B, L, 3, h, D, requires_grad=True)
+    got = T._RopeQKV.apply(qkv, cos, sin)
+
+    def rotate_half(x):
+        x1, x2 = x.chunk(2, -1)
+        return torch.cat((-x2, x1), -1)
+
+    # the textbook form (transformers'): x * cos + rotate_half(x) * sin with emb = cat(freqs, freqs)
+    freqs = pos[..., None].float() * (1.0 / 500.0 ** (torch.arange(0, D, 2, dtype=torch.float) / D))
+    emb = torch.cat((freqs, freqs), -1)
+    c, s = emb.cos()[:, :, None, None], emb.sin()[:, :, None, None]
+    ref = torch.cat((qkv[:, :, :2] * c + rotate_half(qkv[:, :, :2]) * s, qkv[:, :, 2:]), dim=2)
+    assert close(got, ref)
+    go = torch.randn_like(ref)
+    assert close(torch.autograd.grad(got, qkv, go)[0], torch.autograd.grad(ref, qkv, go)[0])
+    x = torch.randn(4, 6, 10, requires_grad=True)
+    a, gate = x.chunk(2, -1)
+    ref = F.gelu(a) * gate
+    got = T.geglu(x)
+    assert close(got, ref)
+    go = torch.randn_like(ref)
+    assert close(torch.autograd.grad(got, x, go)[0], torch.autograd.grad(ref, x, go)[0])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("L", [256, 300, 700])
+@pytest.mark.parametrize("with_docs", [False, True])
+@pytest.mark.parametrize("block", [32, 64, 128])
+def test_banded_attention_equals_full_mask(causal, L, with_docs, block):
+    torch.manual_seed(L + block)
+    B, h, D = 2, 3, 16
+    window = (63, 0) if causal else (64, 64)
+    docs = None
+    if with_docs:
+        d = torch.zeros(B, L, dtype=torch.long)
+        d[0, L // 3:] = 1
+        d[0, L // 2:] = 2
+        am = torch.ones(B, L, dtype=torch.long)
+        am[1, L - 40:] = 0  # right padding
+        docs = A.fold_padding(d, am, (B, L), "cpu")
+    plan = A.band_plan(docs, B, L, "cpu", causal=causal, window=window, block=block)
+    if plan is None:  # bands would not save work at this length: the model keeps the full mask
+        assert L * block >= 256 * 64  # only short sequences with coarse blocks fall back
+        return
+    q, k, v = (torch.randn(B, L, h, D, requires_grad=True) for _ in range(3))
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # the block's layout: [B, h, L, D] views
+    mask = A.sdpa_mask(docs, L, "cpu", causal=causal, window=window)
+    ref = A.sdpa(qt, kt, vt, mask, causal=causal)
+    got = plan.attend(qt, kt, vt)
+    assert close(got, ref)
+    go = torch.randn_like(ref)
+    for a, c in zip(torch.autograd.grad(got, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go)):
+        assert close(a, c)
+
+
+# -- optimizer -----------------------------------------------------------------------------------------
+def _optimi_reference(model, cfg):
+    from optimi import StableAdamW
+
+    from ettin.train.optim import param_groups
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return StableAdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                           weight_decay=cfg.weight_decay, decouple_lr=True, max_lr=cfg.lr, foreach=False)
+
+
+def test_trainer_optimizer_matches_optimi_over_steps_and_resumes():
+    from ettin.train.optim import build_optimizer, set_lr
+    from ettin.train.recipe import OptimSection
+
+    torch.manual_seed(0)
+    cfg = OptimSection(lr=3e-2, betas=[0.9, 0.98], eps=1e-6, weight_decay=0.1)
+    a = Transformer(preset("micro", **small_vocab_specials(64)))
+    b = copy.deepcopy(a)
+    opt_a, opt_b = build_optimizer(a, cfg), _optimi_reference(b, cfg)
+    assert opt_a.param_groups[0]["foreach"]  # the faster path is the one under test
+    x = torch.randint(4, 64, (2, 40))
+    lab = O.make_batch("mlm", x, config=a.config, mask_rate=0.3, generator=torch.Generator().manual_seed(0))[1]
+    for step in range(6):
+        lr = cfg.lr * (0.5 if step % 2 else 1.0)  # decay follows lr / peak
+        for net, opt in ((a, opt_a), (b, opt_b)):
+            set_lr(opt, lr)
+            (O.loss(net, x, lab) * (1e3 if step == 3 else 1.0)).backward()  # a spike: update clipping engages
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert (p - q).abs().max().item() <= 1e-6
+    # state_dict round trip: a fresh optimizer continues exactly where this one is
+    c = copy.deepcopy(a)
+    opt_c = build_optimizer(c, cfg)
+    opt_c.load_state_dict(copy.deepcopy(opt_a.state_dict()))
+    for net, opt in ((a, opt_a), (c, opt_c)):
+        O.loss(net, x, lab).backward()
+        opt.step()
+    for p, q in zip(a.parameters(), c.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_optimizer_with_an_empty_group_and_missing_grads():
+    from ettin.train.optim import build_optimizer
+    from ettin.train.recipe import OptimSection
+
+    m = torch.nn.Module()
+    m.w = torch.nn.Parameter(torch.randn(4, 3))
+    m.v = torch.nn.Parameter(torch.randn(5, 2))
+    opt = build_optimizer(m, OptimSection(lr=0.1))  # the no-decay group is empty
+    m.w.grad = torch.randn(4, 3)  # m.v has no gradient this step
+    v0 = m.v.detach().clone()
+    opt.step()
+    assert torch.equal(m.v, v0)
+
+
+def test_cpu_allocator_tuning_is_idempotent():
+    first = T.tune_cpu_allocator()
+    assert T.tune_cpu_allocator() is True and isinstance(first, bool)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    m, inp, lab, docs = model(False)
+    ck = copy.deepcopy(m)
+    ck.activation_checkpointing = True
+    for net in (m, ck):
+        net.train()
+        net(inp, doc_ids=docs, labels=lab).backward()
+    for (name, p), q in zip(m.named_parameters(), ck.parameters()):
+        assert close(p.grad, q.grad), name
