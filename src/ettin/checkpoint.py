@@ -80,16 +80,20 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu"):
     return model
 
 
-def _load_strict(model, state: dict, path) -> None:
-    want = model.state_dict()
-    missing = sorted(set(want) - set(state))
+def check_state_dict(state, want: dict, source, *, allow_missing: tuple[str, ...] = ()) -> None:
+    """Keys and shapes of ``state`` against the state dict a config's model has."""
+    missing = sorted(set(want) - set(state) - set(allow_missing))
     unexpected = sorted(set(state) - set(want))
     if missing or unexpected:
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise EttinError(f"{path}: weights do not match the config ({what})")
+        raise EttinError(f"{source}: weights do not match the config ({what})")
     for k, v in state.items():
         if tuple(v.shape) != tuple(want[k].shape):
-            raise EttinError(f"{path}: tensor '{k}' has shape {tuple(v.shape)}, config expects {tuple(want[k].shape)}")
+            raise EttinError(f"{source}: tensor '{k}' has shape {tuple(v.shape)}, the config expects {tuple(want[k].shape)}")
+
+
+def _load_strict(model, state: dict, path) -> None:
+    check_state_dict(state, model.state_dict(), path)
     model.load_state_dict(state, strict=True, assign=False)
 
 

@@ -453,18 +453,12 @@ def from_hf_state_dict(
 
 def _check_state(state: Mapping[str, torch.Tensor], config: ModelConfig, source: str, *, allow_missing: tuple[str, ...] = ()) -> None:
     """Keys and shapes against a meta-device model of ``config`` (no memory used)."""
+    from ettin.checkpoint import check_state_dict
     from ettin.model import Transformer
 
     with torch.device("meta"):
         want = Transformer(config, init=False).state_dict()
-    missing = sorted(set(want) - set(state) - set(allow_missing))
-    unexpected = sorted(set(state) - set(want))
-    if missing or unexpected:
-        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise EttinError(f"{source}: weights do not match the config ({what})")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(want[k].shape):
-            raise EttinError(f"{source}: tensor '{k}' has shape {tuple(v.shape)}, the config expects {tuple(want[k].shape)}")
+    check_state_dict(state, want, source, allow_missing=allow_missing)
 
 
 # ------------------------------------------------------------------------------------------

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gzip
 import importlib
 import json
 import math
@@ -263,22 +262,14 @@ def encode_sentences(model_or_dir, sentences: list[str], *, batch_size: int = 32
 
 
 def _read_jsonl_any(path: Path) -> list[dict]:
-    opener = gzip.open if path.suffix == ".gz" else open
+    """BEIR lines (plain or gzipped JSONL), each an object with an '_id'."""
+    from ettin.eval.data import read_jsonl
+
     rows = []
-    try:
-        with opener(path, "rt", encoding="utf-8") as fh:
-            for i, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise EttinError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict) or "_id" not in obj:
-                    raise EttinError(f"{path}:{i}: expected an object with '_id' (BEIR layout)")
-                rows.append(obj)
-    except OSError as e:
-        raise EttinError(f"{path}: cannot read ({e.strerror or e})") from None
+    for i, obj in read_jsonl(path):
+        if "_id" not in obj:
+            raise EttinError(f"{path}:{i}: expected an object with '_id' (BEIR layout)")
+        rows.append(obj)
     return rows
 
 
