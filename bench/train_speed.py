@@ -36,6 +36,9 @@ from pathlib import Path
 import torch
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_speed import cpu_model  # noqa: E402  (one CPU-name helper for both benchmarks)
+
 
 def prepare_data(root: Path, docs: int = 404) -> Path:
     """Tokenizer (BPE, 1024) + data directory from the shipped demo corpus (cached in ``root``)."""
@@ -215,19 +218,6 @@ def run_kind(a, kind: str, data: Path, work: Path) -> list[dict]:
          "peak_memory_gib": (round(peak["transformers"], 3) if peak["transformers"] == peak["transformers"] else None) if dev.type == "cuda" else None},
     ]
     return recs
-
-
-def cpu_model() -> str:
-    """The CPU's name (for the record: a figure means little without the machine)."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -81,6 +81,19 @@ def _empty(ax, text: str) -> None:
     ax.set_yticks([])
 
 
+def _finish_axis(ax, title: str, drawn: bool, *, legend: bool, empty: str) -> None:
+    """Title, axis label, grid and legend for a subplot against tokens (or a note when empty)."""
+    ax.set_title(title, fontsize=10)
+    if not drawn:
+        _empty(ax, empty)
+        return
+    ax.set_xlabel("tokens seen", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.tick_params(labelsize=8)
+    if legend:
+        ax.legend(fontsize=7)
+
+
 def _stage_lines(ax, run: Run, color: str) -> None:
     prev = None
     for s in run.steps:
@@ -140,15 +153,7 @@ def schedule_plot(runs: list[Run], styles: dict) -> bytes:
             ax.plot(*_thin(xs, ys), color=st["color"], linestyle=st["linestyle"], linewidth=widths[r.label],
                     drawstyle="steps-post" if key != "lr" else "default", label=r.label)
             drawn = True
-        ax.set_title(title, fontsize=10)
-        if drawn:
-            ax.set_xlabel("tokens seen", fontsize=8)
-            ax.grid(alpha=0.3)
-            ax.tick_params(labelsize=8)
-            if i == 0:
-                ax.legend(fontsize=7)
-        else:
-            _empty(ax, f"no '{key}' recorded")
+        _finish_axis(ax, title, drawn, legend=i == 0, empty=f"no '{key}' recorded")
     fig.suptitle("Schedules against tokens")
     fig.tight_layout()
     return _png(fig)
@@ -172,15 +177,7 @@ def task_plot(task: str, metrics: list[str], runs: list[Run], styles: dict) -> b
             ax.plot([p[0] for p in pts], [p[1] for p in pts], color=st["color"], linestyle=st["linestyle"],
                     marker="o", markersize=3.5, linewidth=1.4, label=r.label)
             drawn = True
-        ax.set_title(metric, fontsize=10)
-        if drawn:
-            ax.set_xlabel("tokens seen", fontsize=8)
-            ax.grid(alpha=0.3)
-            ax.tick_params(labelsize=8)
-            if i == 0:
-                ax.legend(fontsize=7)
-        else:
-            _empty(ax, "no points with a token count")
+        _finish_axis(ax, metric, drawn, legend=i == 0, empty="no points with a token count")
     fig.suptitle(f"{task}: score against tokens")
     fig.tight_layout()
     return _png(fig)
