@@ -12,7 +12,8 @@ import random
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from ettin.model.packing import pooled
 
 
 def pool(hidden: torch.Tensor, lengths: torch.Tensor, how: str) -> torch.Tensor:
@@ -70,25 +71,17 @@ def fresh_copy(model) -> nn.Module:
 
 
 def embed(model, seqs: list[list[int]], *, pad_id: int, pooling: str, batch_size: int, normalize: bool = False) -> torch.Tensor:
-    """Pooled hidden states of many sequences (batched longest first), [N, H] on the model's device."""
-    dev = next(model.parameters()).device
-    out = [None] * len(seqs)
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        for s in range(0, len(order), batch_size):
-            chunk = order[s:s + batch_size]
-            x, am, lengths = pad_batch([seqs[i] for i in chunk], pad_id, dev)
-            h = pool(model.encode(x, attention_mask=am), lengths, pooling).float()
-            if normalize:
-                h = F.normalize(h, dim=-1)
-            for j, i in enumerate(chunk):
-                out[i] = h[j]
-    model.train(was_training)
+    """Pooled hidden states of many sequences, [N, H] fp32 on the model's device.
+
+    Through :func:`ettin.model.packing.pooled`: packed rows where attention skips masked blocks
+    (flex, CUDA), else padded batches longest first. Each forward pass holds at most
+    ``batch_size`` rows of the longest sequence's length (the memory the caller budgeted).
+    """
     if not seqs:
         return torch.zeros(0, model.config.hidden)
-    return torch.stack(out)
+    longest = max(len(s) for s in seqs)
+    return pooled(model, seqs, pad_id=pad_id, pooling=pooling, token_budget=batch_size * max(1, longest),
+                  max_rows=batch_size, normalize=normalize)
 
 
 def optimizer(params, lr: float) -> torch.optim.Optimizer:

@@ -146,6 +146,19 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+@functools.lru_cache(maxsize=1)
+def _compiled_block_mask():
+    """``create_block_mask`` compiled: 40 ms -> 2 ms for 8 x 1024 with documents (CPU), run every step.
+
+    One graph per (batch, length, causal, window, documents or not): a pair run with three
+    stage lengths and a short last micro-batch needs more than dynamo's default 8 recompiles.
+    """
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), 64))
+    return torch.compile(create_block_mask, dynamic=False)
+
+
 def flex_block_mask(doc_ids: torch.Tensor | None, B: int, L: int, device, *, causal: bool, window: tuple[int, int] | None):
     left, right = window if window is not None else (None, None)
 
@@ -159,10 +172,12 @@ def flex_block_mask(doc_ids: torch.Tensor | None, B: int, L: int, device, *, cau
             m = m & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
         return m
 
-    return create_block_mask(mask_mod, B if doc_ids is not None else None, None, L, L, device=device)
+    return _compiled_block_mask()(mask_mod, B if doc_ids is not None else None, None, L, L, device=device)
 
 
 def flex(q, k, v, block_mask) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # inside a compiled block: traced into its graph
+        return flex_attention(q, k, v, block_mask=block_mask)
     return _compiled_flex()(q, k, v, block_mask=block_mask)
 
 

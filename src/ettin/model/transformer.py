@@ -385,6 +385,11 @@ class Transformer(nn.Module):
         self.rope_local.theta = local_theta
 
     def compile_blocks(self, **kwargs) -> None:
-        """torch.compile each block separately (faster to compile, same speed as whole-model)."""
+        """torch.compile each block separately (faster to compile, same speed as whole-model).
+
+        Static shapes: a new micro-batch size or stage length compiles once more instead of
+        switching to dynamic-shape kernels (slower, and flex attention's CPU template fails on them).
+        """
+        kwargs.setdefault("dynamic", False)
         for b in self.blocks:
             b.compile(**kwargs)

@@ -22,10 +22,11 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    launched: bool = False  # under torchrun: a process group exists (even with one process)
 
     @property
     def enabled(self) -> bool:
-        return self.world > 1
+        return self.launched or self.world > 1
 
     @property
     def is_main(self) -> bool:
@@ -47,8 +48,17 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def init(device_name: str = "auto", backend: str = "auto") -> Dist:
-    """Join the torchrun process group if WORLD_SIZE > 1, else a single process."""
+    """Join the torchrun process group, else a single plain process.
+
+    ``torchrun --nproc_per_node 1`` also wraps the model (DDP or FSDP2), so the cost of each
+    strategy on one GPU can be measured against a plain run.
+    """
+    launched = launched_by_torchrun()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -56,10 +66,10 @@ def init(device_name: str = "auto", backend: str = "auto") -> Dist:
     if device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
+    if launched and not dist.is_initialized():
         be = backend if backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         dist.init_process_group(backend=be)
-    return Dist(rank=rank, world=world, local_rank=local, device=device)
+    return Dist(rank=rank, world=world, local_rank=local, device=device, launched=launched)
 
 
 def wrap(model: torch.nn.Module, strategy: str, d: Dist) -> torch.nn.Module:

@@ -36,7 +36,7 @@ class ModelSection:
     vocab_size: int | None = None  # default: the data tokenizer's padded vocabulary
     overrides: dict = field(default_factory=dict)  # any ModelConfig field
     attn_impl: str = "auto"  # auto | sdpa | flex
-    compile: bool = False
+    compile: bool | str = "auto"  # auto: torch.compile each block on a GPU (slower on a CPU, measured)
     activation_checkpointing: bool = False
 
 
@@ -58,6 +58,9 @@ class TrainSection:
     batch_warmup_start: int | None = None  # default global_batch // 6
     batch_multiple: int = 1  # warmup batch sizes are rounded down to a multiple of this
     seed: int = 21
+    # attention (and RoPE positions) confined to each packed document; false: whole rows, as
+    # in runs without document masking (the objectives still never predict across documents)
+    document_masking: bool = True
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     device: str = "auto"
     max_steps: int | None = None
@@ -124,6 +127,7 @@ class Stage:
 _CHOICES = {
     "model.kind": ("encoder", "decoder"),
     "model.attn_impl": ("auto", "sdpa", "flex"),
+    "model.compile": ("auto", True, False),
     "train.objective": (None, "mlm", "clm", "mntp"),
     "train.precision": ("auto", "fp32", "bf16"),
     "optim.name": ("stableadamw", "adamw"),

@@ -184,7 +184,7 @@ class Learner:
         self.model = model.to(self.d.device)
         self.model.attn_impl = stage.model.attn_impl
         self.model.activation_checkpointing = stage.model.activation_checkpointing
-        if stage.model.compile:
+        if stage.model.compile is True or (stage.model.compile == "auto" and self.d.device.type == "cuda"):
             self.model.compile_blocks()
         self.wrapped = D.wrap(self.model, stage.distributed.strategy, self.d)
         self.optim = build_optimizer(self.wrapped, stage.optim)
@@ -245,6 +245,7 @@ class Learner:
                 "data_fingerprint": data_fingerprint,
                 "next_row": plan.start_row + plan.rows,
                 "world_size": self.d.world,
+                "parallel": (self.stage.distributed.strategy if self.d.enabled else "none"),  # how the model was wrapped
             }
             (tdir / "state.json").write_text(json.dumps(doc, indent=2, sort_keys=True, default=_json_default) + "\n")
 
@@ -314,7 +315,7 @@ class Learner:
         for i, c in enumerate(chunks):
             x = inputs[c : c + mb].to(dev, non_blocking=True)
             y = labels[c : c + mb].to(dev, non_blocking=True)
-            dm = docs_m[c : c + mb].to(dev, non_blocking=True)
+            dm = docs_m[c : c + mb].to(dev, non_blocking=True) if st.train.document_masking else None
             with D.grad_sync(self.wrapped, sync=(i == len(chunks) - 1)), amp:
                 # summed CE over y != -100: sparse prediction + fused, chunked head and loss
                 ce = self.wrapped(x, doc_ids=dm, labels=y)
