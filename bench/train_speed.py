@@ -16,6 +16,12 @@ none); the work per token is the same.
 On a CPU the two run interleaved in one process (each trainer step is followed by one
 transformers step on the same rows), so background load hits both alike; medians after a
 warmup. ``--sequential`` (default on a GPU) runs ours then theirs, each alone (clean peak memory).
+MFU = 6 x parameters x tokens/s / the GPU's bf16 peak (the trainer's table of peaks).
+
+Variants for the issue's matrix: ``--impl ettin|transformers`` (one side only),
+``--their-compile`` (transformers under torch.compile), ``--no-doc-mask`` (ours without document
+masking: the mask's cost), ``--activation-checkpointing`` (memory of the large sizes),
+``--compile on|off|auto`` and ``--attn-impl`` for ours. ``bench/gpu_matrix.py`` runs them all.
 
     python bench/train_speed.py --device cpu --size 17m --json
     python bench/train_speed.py --device cuda --size 150m --batch 32 --seq-len 1024 --json
@@ -64,13 +70,16 @@ def prepare_data(root: Path, docs: int = 404) -> Path:
 
 
 def write_recipe(path: Path, data: Path, *, size: str, kind: str, vocab: int, batch: int, micro: int, seq_len: int,
-                 steps: int, device: str, precision: str, compile_blocks: bool) -> Path:
+                 steps: int, device: str, precision: str, compile_blocks, attn_impl: str = "auto",
+                 document_masking: bool = True, activation_checkpointing: bool = False) -> Path:
     d = {
         "name": "bench",
-        "model": {"size": size, "kind": kind, "vocab_size": vocab, "compile": compile_blocks},
+        "model": {"size": size, "kind": kind, "vocab_size": vocab, "compile": compile_blocks, "attn_impl": attn_impl,
+                  "activation_checkpointing": activation_checkpointing},
         "data": {"sources": [{"path": str(data), "weight": 1.0}]},
         "train": {"tokens": steps * batch * seq_len, "seq_len": seq_len, "global_batch": batch, "micro_batch": micro,
-                  "mask_rate": 0.3, "seed": 0, "rope_theta": 10000, "device": device, "precision": precision},
+                  "mask_rate": 0.3, "seed": 0, "rope_theta": 10000, "device": device, "precision": precision,
+                  "document_masking": document_masking},
         "optim": {"lr": 1e-4, "schedule": {"kind": "warmup_constant", "warmup_tokens": 0}},
         "checkpoint": {"every_tokens": 10**15},
         "logging": {"tensorboard": False},
@@ -82,7 +91,7 @@ def write_recipe(path: Path, data: Path, *, size: str, kind: str, vocab: int, ba
 class TheirStep:
     """One transformers training step on the rows the trainer just used."""
 
-    def __init__(self, cfg, kind: str, dev: torch.device):
+    def __init__(self, cfg, kind: str, dev: torch.device, compile_model: bool = False):
         from transformers import ModernBertDecoderForCausalLM, ModernBertForMaskedLM
 
         from ettin.convert.hf import hf_config_for
@@ -94,6 +103,8 @@ class TheirStep:
         torch.manual_seed(0)
         self.model = (ModernBertDecoderForCausalLM if kind == "decoder" else ModernBertForMaskedLM)(hf_cfg).to(dev).train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True if dev.type == "cuda" else None)
+        if compile_model:
+            self.model.compile()
         self.cfg, self.kind, self.dev = cfg, kind, dev
 
     def __call__(self, ids: torch.Tensor, docs: torch.Tensor, mask_rate: float, step: int, micro: int) -> None:
@@ -121,102 +132,136 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run_kind(a, kind: str, data: Path, work: Path) -> list[dict]:
-    from ettin.train import trainer as T
+def peak_flops(dev: torch.device) -> float | None:
+    """bf16 dense peak of the GPU (for MFU), as the trainer knows it; None on a CPU."""
+    if dev.type != "cuda":
+        return None
+    from ettin.train.trainer import _device_peak
 
-    dev = torch.device(a.device)
-    steps = a.warmup + a.steps
-    recipe = write_recipe(work / f"{kind}.yaml", data, size=a.size, kind=kind, vocab=a.vocab_size, batch=a.batch,
-                          micro=a.micro_batch or a.batch, seq_len=a.seq_len, steps=steps + 1, device=a.device,
-                          precision="auto", compile_blocks=a.compile)
-    ours: list[tuple[float, float, float]] = []  # (enter, ours done, theirs done)
-    theirs_t: list[float] = []
-    peak = {"ettin": 0.0, "transformers": 0.0}
-    state: dict = {}
-    orig = T.Learner.step
+    return _device_peak(dev)
 
-    def wrapped(self, plan, ids, docs):
+
+def run_theirs(a, kind: str, cfg, dev: torch.device) -> tuple[list[float], float]:
+    """Transformers alone (``--sequential``): step times and peak memory."""
+    import gc
+
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    theirs = TheirStep(cfg, kind, dev, compile_model=a.their_compile)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, min(cfg.vocab_size, 1024), (a.batch, a.seq_len), generator=g)
+    docs = torch.zeros_like(ids)
+    times, peak = [], 0.0
+    for i in range(a.warmup + a.steps):
         sync(dev)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        r = orig(self, plan, ids, docs)
+        theirs(ids, docs, 0.3, i, a.micro_batch or a.batch)
         sync(dev)
-        t1 = time.perf_counter()
+        times.append(time.perf_counter() - t0)
         if dev.type == "cuda":
-            peak["ettin"] = max(peak["ettin"], torch.cuda.max_memory_allocated() / 2**30)
-        t2 = t1
-        if not a.sequential:
-            if "theirs" not in state:
-                state["theirs"] = TheirStep(self.model.config, kind, dev)
-            state["theirs"](ids, docs, plan.mask_rate, plan.step, a.micro_batch or a.batch)
-            sync(dev)
-            t2 = time.perf_counter()
-            theirs_t.append(t2 - t1)
-        ours.append((t0, t1, t2))
-        if "cfg" not in state:
-            state["cfg"] = self.model.config
-        return r
+            peak = max(peak, torch.cuda.max_memory_allocated() / 2**30)
+    del theirs
+    return times[a.warmup:], peak
 
-    import shutil
 
-    shutil.rmtree(work / f"run-{kind}", ignore_errors=True)  # a leftover run would be resumed
-    T.Learner.step = wrapped
-    try:
-        T.train(recipe, work / f"run-{kind}", progress=False, max_steps=steps + 1)
-    finally:
-        T.Learner.step = orig
-    # step i's wall = its Learner.step + the trainer's time between the end of the previous step's
-    # work and this step's start (loader, logging, hashing); theirs is excluded
-    walls, computes, over = [], [], []
-    for i in range(1, len(ours)):
-        gap = ours[i][0] - ours[i - 1][2]
-        comp = ours[i][1] - ours[i][0]
-        walls.append(gap + comp)
-        computes.append(comp)
-        over.append(gap)
-    keep = slice(a.warmup, a.warmup + a.steps)
-    walls, computes, over = walls[keep], computes[keep], over[keep]
+def run_kind(a, kind: str, data: Path, work: Path) -> list[dict]:
+    """Ours (the real trainer) and/or transformers for one kind; one record per implementation."""
+    from ettin.config import preset, small_vocab_specials
+    from ettin.train import trainer as T
+
+    dev = torch.device(a.device)
+    steps = a.warmup + a.steps
     tokens = a.batch * a.seq_len
-    if a.sequential:
-        import gc
+    ours: list[tuple[float, float, float]] = []  # (enter, ours done, theirs done)
+    theirs_t: list[float] = []
+    peak = {"ettin": 0.0, "transformers": float("nan")}
+    state: dict = {"cfg": preset(a.size, causal=kind == "decoder", **small_vocab_specials(a.vocab_size))}
+    recs = []
+    base = {"kind": kind, "size": a.size, "device": a.device, "batch": a.batch, "seq_len": a.seq_len, "vocab_size": a.vocab_size,
+            "threads": torch.get_num_threads() if dev.type == "cpu" else None,
+            "mode": "sequential" if a.sequential else "interleaved", "torch": torch.__version__,
+            "cpu": cpu_model() if dev.type == "cpu" else None,
+            "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else None}
+    flops = peak_flops(dev)
 
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-        cfg = state["cfg"]
-        theirs = TheirStep(cfg, kind, dev)
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(4, min(cfg.vocab_size, 1024), (a.batch, a.seq_len), generator=g)
-        docs = torch.zeros_like(ids)
-        for i in range(a.warmup + a.steps):
+    def mfu(tok_s: float, params: int) -> float | None:
+        return round(6 * params * tok_s / flops, 4) if flops else None
+
+    if a.impl in ("both", "ettin"):
+        recipe = write_recipe(work / f"{kind}.yaml", data, size=a.size, kind=kind, vocab=a.vocab_size, batch=a.batch,
+                              micro=a.micro_batch or a.batch, seq_len=a.seq_len, steps=steps + 1, device=a.device,
+                              precision="auto", compile_blocks=a.compile, attn_impl=a.attn_impl,
+                              document_masking=not a.no_doc_mask, activation_checkpointing=a.activation_checkpointing)
+        orig = T.Learner.step
+        interleave = a.impl == "both" and not a.sequential
+
+        def wrapped(self, plan, ids, docs):
             sync(dev)
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            theirs(ids, docs, 0.3, i, a.micro_batch or a.batch)
+            r = orig(self, plan, ids, docs)
             sync(dev)
-            theirs_t.append(time.perf_counter() - t0)
+            t1 = time.perf_counter()
             if dev.type == "cuda":
-                peak["transformers"] = max(peak["transformers"], torch.cuda.max_memory_allocated() / 2**30)
-    elif dev.type == "cuda":
-        peak["transformers"] = float("nan")  # interleaved: both models resident, not separable
-    theirs_t = theirs_t[a.warmup:a.warmup + a.steps] if a.sequential else theirs_t[1:][keep]
-    base = {"kind": kind, "size": a.size, "device": a.device, "batch": a.batch, "seq_len": a.seq_len, "vocab_size": a.vocab_size,
-            "threads": torch.get_num_threads() if dev.type == "cpu" else None, "steps": len(walls),
-            "mode": "sequential" if a.sequential else "interleaved", "torch": torch.__version__,
-            "cpu": cpu_model() if dev.type == "cpu" else None,
-            "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else None}
-    recs = [
-        {"impl": "ettin", **base, "tokens_per_s": round(tokens / statistics.median(walls), 1),
-         "compute_tokens_per_s": round(tokens / statistics.median(computes), 1),
-         "overhead_share": round(sum(over) / sum(walls), 4),
-         "optimizer": "StableAdamW(ettin)", "document_masking": True,
-         "peak_memory_gib": round(peak["ettin"], 3) if dev.type == "cuda" else None},
-        {"impl": "transformers", **base, "tokens_per_s": round(tokens / statistics.median(theirs_t), 1),
-         "optimizer": "AdamW(fused)" if dev.type == "cuda" else "AdamW", "document_masking": False,
-         "peak_memory_gib": (round(peak["transformers"], 3) if peak["transformers"] == peak["transformers"] else None) if dev.type == "cuda" else None},
-    ]
+                peak["ettin"] = max(peak["ettin"], torch.cuda.max_memory_allocated() / 2**30)
+            t2 = t1
+            if interleave:
+                if "theirs" not in state:
+                    state["theirs"] = TheirStep(self.model.config, kind, dev, compile_model=a.their_compile)
+                state["theirs"](ids, docs, plan.mask_rate, plan.step, a.micro_batch or a.batch)
+                sync(dev)
+                t2 = time.perf_counter()
+                theirs_t.append(t2 - t1)
+            ours.append((t0, t1, t2))
+            state["cfg"] = self.model.config
+            state["params"] = self.model.num_params()
+            return r
+
+        import shutil
+
+        shutil.rmtree(work / f"run-{kind}", ignore_errors=True)  # a leftover run would be resumed
+        T.Learner.step = wrapped
+        try:
+            T.train(recipe, work / f"run-{kind}", progress=False, max_steps=steps + 1)
+        finally:
+            T.Learner.step = orig
+            state.pop("theirs", None)
+        # step i's wall = its Learner.step + the trainer's time between the end of the previous
+        # step's work and this step's start (loader, logging, hashing); theirs is excluded
+        walls, computes, over = [], [], []
+        for i in range(1, len(ours)):
+            gap = ours[i][0] - ours[i - 1][2]
+            comp = ours[i][1] - ours[i][0]
+            walls.append(gap + comp)
+            computes.append(comp)
+            over.append(gap)
+        keep = slice(a.warmup, a.warmup + a.steps)
+        walls, computes, over = walls[keep], computes[keep], over[keep]
+        if interleave:
+            theirs_t = theirs_t[1:][keep]
+        tok_s = tokens / statistics.median(walls)
+        recs.append({"impl": "ettin", **base, "steps": len(walls), "tokens_per_s": round(tok_s, 1),
+                     "compute_tokens_per_s": round(tokens / statistics.median(computes), 1),
+                     "overhead_share": round(sum(over) / sum(walls), 4), "params": state["params"], "mfu": mfu(tok_s, state["params"]),
+                     "optimizer": "StableAdamW(ettin)", "document_masking": not a.no_doc_mask,
+                     "compile": a.compile, "attn_impl": a.attn_impl, "activation_checkpointing": a.activation_checkpointing,
+                     "peak_memory_gib": round(peak["ettin"], 3) if dev.type == "cuda" else None})
+    if a.impl == "transformers" or (a.impl == "both" and a.sequential):
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        theirs_t, peak["transformers"] = run_theirs(a, kind, state["cfg"], dev)
+    if a.impl in ("both", "transformers"):
+        tok_s = tokens / statistics.median(theirs_t)
+        params = state.get("params") or state["cfg"].num_params()
+        recs.append({"impl": "transformers", **base, "steps": len(theirs_t), "tokens_per_s": round(tok_s, 1),
+                     "params": params, "mfu": mfu(tok_s, params),
+                     "optimizer": "AdamW(fused)" if dev.type == "cuda" else "AdamW", "document_masking": False,
+                     "compile": a.their_compile, "attn_impl": "sdpa",
+                     "peak_memory_gib": round(peak["transformers"], 3) if dev.type == "cuda" and peak["transformers"] == peak["transformers"] else None})
     return recs
 
 
@@ -225,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--size", default="17m")
     p.add_argument("--kind", choices=["encoder", "decoder", "both"], default="both")
+    p.add_argument("--impl", choices=["both", "ettin", "transformers"], default="both")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--micro-batch", type=int, default=None, help="default: the whole batch in one pass")
     p.add_argument("--seq-len", type=int, default=512)
@@ -232,12 +278,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=6, help="timed steps (after warmup)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--compile", action="store_true", help="ours with model.compile=true (torch.compile per block)")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="ours: torch.compile per block (auto: on a GPU only, as the trainer)")
+    p.add_argument("--their-compile", action="store_true", help="transformers' model under torch.compile")
+    p.add_argument("--attn-impl", default="auto", choices=["auto", "sdpa", "flex"])
+    p.add_argument("--no-doc-mask", action="store_true", help="ours without document masking (its cost)")
+    p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--sequential", action="store_true", default=None, help="ours then theirs (default on a GPU)")
     p.add_argument("--interleaved", dest="sequential", action="store_false")
     p.add_argument("--workdir", default=None, help="where the data and runs go (default: a temporary directory)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
+    a.compile = {"auto": "auto", "on": True, "off": False}[a.compile]
     if a.sequential is None:
         a.sequential = a.device == "cuda"
     if a.device == "cpu":
@@ -254,8 +306,9 @@ def main(argv: list[str] | None = None) -> None:
                 else:
                     extra = f"  (loader+logging {100 * r['overhead_share']:.1f}%)" if "overhead_share" in r else ""
                     mem = f"  peak {r['peak_memory_gib']} GiB" if r.get("peak_memory_gib") else ""
-                    print(f"{kind:8s} {a.size:5s} {r['impl']:13s} {r['tokens_per_s']:12,.0f} tokens/s{extra}{mem}", flush=True)
-            if not a.json:
+                    mfu = f"  MFU {100 * r['mfu']:.1f}%" if r.get("mfu") else ""
+                    print(f"{kind:8s} {a.size:5s} {r['impl']:13s} {r['tokens_per_s']:12,.0f} tokens/s{mfu}{extra}{mem}", flush=True)
+            if not a.json and len(recs) == 2:
                 print(f"{kind:8s} {a.size:5s} ratio ettin/transformers = {recs[0]['tokens_per_s'] / recs[1]['tokens_per_s']:.2f}x", flush=True)
 
 

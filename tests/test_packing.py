@@ -95,7 +95,9 @@ def test_packed_equals_padded(causal):
 
 def test_auto_strategy_and_normalize():
     m = tiny(False)
-    assert P.choose_strategy(m, "cpu") == "padded"  # SDPA on a CPU: packing saves no attention work
+    assert P.choose_strategy(m, "cpu") == "padded"  # SDPA on a CPU, long or unknown lengths: full L x L per row
+    assert P.choose_strategy(m, "cpu", longest=2048) == "padded"
+    assert P.choose_strategy(m, "cpu", longest=512) == "packed"  # short rows: packing measured faster
     m.attn_impl = "flex"
     assert P.choose_strategy(m, "cpu") == ("packed" if P.A.HAVE_FLEX else "padded")
     m.attn_impl = "auto"
@@ -112,7 +114,7 @@ def test_packed_with_flex_on_cpu():
     seqs = random_seqs(12, 1, 200, seed=4)
     ref = P.pooled(m, seqs, pad_id=PAD, pooling="mean", strategy="padded")
     m.attn_impl = "flex"
-    got = P.pooled(m, seqs, pad_id=PAD, pooling="mean", strategy="packed", row_len=256)  # one compile (~15 s cold)
+    got = P.pooled(m, seqs, pad_id=PAD, pooling="mean", strategy="packed", row_len=200)  # L=200: not a multiple of 128
     assert (got - ref).abs().max() <= 1e-5
 
 

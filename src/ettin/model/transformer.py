@@ -233,7 +233,7 @@ class Block(nn.Module):
         B, L, H = x.shape
         qkv = linear(self.attn_norm(x), self.qkv.weight).view(B, L, 3, self.heads, H // self.heads)
         cos, sin = rope
-        if qkv.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling():
             qkv = _RopeQKV.apply(qkv, cos, sin)  # eager: one buffer each way (torch.compile fuses the plain ops)
         else:
             qkv = torch.cat((apply_rotary(qkv[:, :, :2], cos, sin), qkv[:, :, 2:]), dim=2)

@@ -585,6 +585,10 @@ def train(
             dt = now - t_prev
             t_prev = now
             tok_s = p.tokens / dt if dt > 0 else None
+            gpu_peak = None  # the step's peak allocated GPU memory (this process), for sizing runs
+            if d.device.type == "cuda":
+                gpu_peak = round(torch.cuda.max_memory_allocated(d.device) / 2**30, 3)
+                torch.cuda.reset_peak_memory_stats(d.device)
             hashes = {}
             for ln in learners:
                 r = results[ln.kind]
@@ -606,6 +610,7 @@ def train(
                     "tokens_per_s": tok_s,
                     "mfu": (6 * nparams * tok_s * len(learners) / peak) if (peak and tok_s) else None,
                     "batch_hash": bh,
+                    "gpu_memory_gib": gpu_peak,
                     "time": time.time(),
                 }
                 hashes[ln.kind] = rec["batch_hash"]
@@ -620,7 +625,8 @@ def train(
                 fp = mix_for(p.stage_index).fingerprint
                 for ln in learners:
                     ln.save(p, stage_end, fp)
-            bar.update(step, {k: r["loss"] for k, r in results.items()}, tok_s, first[p.stage_index].name)
+            bar.update(step, {k: r["loss"] for k, r in results.items()}, tok_s, first[p.stage_index].name,
+                       mfu=rec["mfu"], gpu_gib=gpu_peak)
     finally:
         bar.close()
         for ln in learners:
@@ -679,11 +685,16 @@ class _Progress:
         self._task = self._p.add_task("train", total=total, completed=start, info="")
         self._p.start()
 
-    def update(self, step: int, losses: dict, tok_s: float | None, stage: str) -> None:
+    def update(self, step: int, losses: dict, tok_s: float | None, stage: str, mfu: float | None = None,
+               gpu_gib: float | None = None) -> None:
         if self._p is None:
             return
         loss = " ".join(f"{k[:3]} {v:.3f}" for k, v in losses.items())
         speed = f"{tok_s / 1000:.1f}k tok/s" if tok_s else ""
+        if mfu:
+            speed += f" | MFU {100 * mfu:.0f}%"
+        if gpu_gib:
+            speed += f" | {gpu_gib:.1f} GiB"
         self._p.update(self._task, completed=step, description=stage, info=f"loss {loss} | {speed}")
 
     def close(self) -> None:
