@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_matrix_smoke(tmp_path):
     out = tmp_path / "m.jsonl"
-    cmd = [sys.executable, str(ROOT / "bench" / "gpu_matrix.py"), "--smoke", "--out", str(out), "--only", "train,parallel",
+    cmd = [sys.executable, str(ROOT / "bench" / "gpu_matrix.py"), "--smoke", "--out", str(out), "--only", "train,infer,parallel",
            "--workdir", str(tmp_path / "work")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -19,8 +19,10 @@ def test_gpu_matrix_smoke(tmp_path):
     train = [(x["impl"], x["kind"]) for x in rows if x["item"] == "train"]
     assert sorted(train) == sorted((i, k) for i in ("ettin", "transformers") for k in ("encoder", "decoder"))
     assert [x["parallel"] for x in rows if x["item"] == "parallel"] == ["none", "ddp", "fsdp2"]
+    infer = sorted((x["impl"], x["strategy"]) for x in rows if x["item"] == "infer")
+    assert infer == [("ettin", "packed"), ("ettin", "padded"), ("transformers", "padded")]
     for x in rows:
         assert "error" not in x
         assert x["tokens_per_s"] > 0 and x["size"] == "tiny" and x["device"] == "cpu"
-        for key in ("batch", "seq_len", "peak_memory_gib", "mfu"):
+        for key in ("batch", "seq_len", "peak_memory_gib") + (("mfu",) if x["item"] != "infer" else ()):
             assert key in x
