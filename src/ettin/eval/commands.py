@@ -159,3 +159,27 @@ def register(app) -> None:
             else:
                 atomic_write_text(json_out, text)
                 console.print(f"wrote {json_out}")
+
+    @app.command("embed")
+    def embed_cmd(
+        model: Path = typer.Argument(..., help="Checkpoint, run directory (its last checkpoint) or Hugging Face directory."),
+        input_path: Path = typer.Option(..., "--input", help="Texts: .jsonl (one object per line, see --field) or one text per line."),
+        out: Path = typer.Option(..., "--out", help="Output .npy file: float32 [texts, hidden], in input order."),
+        field: str = typer.Option("text", "--field", help="The text key of .jsonl input."),
+        pooling: str = typer.Option(None, "--pooling", help="mean, cls or last (default: mean for encoders, last for decoders)."),
+        max_length: int = typer.Option(512, "--max-length", help="Tokens per text, [CLS] and [SEP] included (longer texts are cut)."),
+        normalize: bool = typer.Option(False, "--normalize", help="L2-normalise each embedding."),
+        device: str = typer.Option("cpu", "--device", help="cpu or cuda (bf16 autocast)."),
+        strategy: str = typer.Option("auto", "--strategy", help="auto, packed (rows of several texts, documents masked) or padded."),
+        batch_tokens: int = typer.Option(32768, "--batch-tokens", help="Tokens per forward pass (pads included)."),
+    ):
+        """Pooled embeddings of many texts, unpadded (packed) where that saves work."""
+        from rich.console import Console
+
+        from ettin.eval.embed import run
+
+        console = Console(stderr=True)
+        res = run(model, input_path, out, field=field, pooling=pooling, max_length=max_length, normalize=normalize,
+                  device=device, strategy=strategy, token_budget=batch_tokens, console=console)
+        console.print(f"wrote {res['out']}: {res['shape'][0]} x {res['shape'][1]} ({res['tokens']:,} tokens, "
+                      f"{res['tokens_per_s']:,.0f} tokens/s)")
