@@ -9,7 +9,6 @@ written under a temporary name and renamed.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -19,25 +18,24 @@ from ettin.errors import EttinError
 
 
 def read_texts(path: Path, field: str = "text") -> list[str]:
-    """``.jsonl`` (one object per line, ``field`` holds the text) or any other file: one text per line."""
+    """``.jsonl`` / ``.jsonl.gz`` (one object per line, ``field`` holds the text) or any other
+    file: one text per line."""
+    from ettin.eval.data import _open_text, read_jsonl
+
     if not path.is_file():
         raise EttinError(f"{path}: no such input file")
-    texts: list[str] = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            line = line.rstrip("\n")
-            if path.suffix == ".jsonl":
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise EttinError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
-                    raise EttinError(f"{path}:{n}: expected an object with a string '{field}'")
-                texts.append(obj[field])
-            else:
-                texts.append(line)
+    if path.name.endswith((".jsonl", ".jsonl.gz")):
+        texts = []
+        for n, obj in read_jsonl(path):
+            if not isinstance(obj.get(field), str):
+                raise EttinError(f"{path}:{n}: expected an object with a string '{field}'")
+            texts.append(obj[field])
+    else:
+        try:
+            with _open_text(path) as fh:
+                texts = [line.rstrip("\r\n") for line in fh]
+        except UnicodeDecodeError as e:
+            raise EttinError(f"{path}: not UTF-8 text ({e.reason})") from None
     if not texts:
         raise EttinError(f"{path}: no texts")
     return texts
