@@ -68,13 +68,11 @@ def embed_texts(em, texts: list[str], *, pooling: str | None = None, max_length:
 
 
 def write_npy(path: Path, arr: np.ndarray) -> None:
-    """Atomically: a temporary file in the same directory, then a rename."""
+    """Atomically: a temporary file in the same directory, then a rename (``run`` checks the suffix first)."""
     import io
 
     from ettin.fsutil import atomic_write_bytes
 
-    if path.suffix != ".npy":
-        raise EttinError(f"{path}: the output must be a .npy file")
     buf = io.BytesIO()
     np.save(buf, arr)
     atomic_write_bytes(path, buf.getvalue())

@@ -13,18 +13,9 @@ import random
 import torch
 import torch.nn as nn
 
-from ettin.model.packing import pooled
+from ettin.model import packing as P
 
-
-def pool(hidden: torch.Tensor, lengths: torch.Tensor, how: str) -> torch.Tensor:
-    """[B, L, H] -> [B, H]; ``lengths`` are the real-token counts (right padding)."""
-    B, L, _ = hidden.shape
-    if how == "cls":
-        return hidden[:, 0]
-    if how == "last":
-        return hidden[torch.arange(B, device=hidden.device), lengths - 1]
-    m = (torch.arange(L, device=hidden.device)[None, :] < lengths[:, None]).to(hidden.dtype)
-    return (hidden * m[..., None]).sum(1) / lengths[:, None].to(hidden.dtype)
+pool = P.pool_padded  # [B, L, H] right-padded -> [B, H]: what glue and retrieval pool with
 
 
 def pooling_for(config, opts) -> str:
@@ -32,13 +23,7 @@ def pooling_for(config, opts) -> str:
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    lens = [len(s) for s in seqs]
-    L = max(lens)
-    x = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        x[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-    lengths = torch.as_tensor(lens)
-    am = None if min(lens) == L else (torch.arange(L)[None, :] < lengths[:, None])
+    x, am, lengths = P.pad_batch(seqs, pad_id)
     return x.to(device), (am.to(device) if am is not None else None), lengths.to(device)
 
 
@@ -80,7 +65,7 @@ def embed(model, seqs: list[list[int]], *, pad_id: int, pooling: str, batch_size
     if not seqs:
         return torch.zeros(0, model.config.hidden)
     longest = max(len(s) for s in seqs)
-    return pooled(model, seqs, pad_id=pad_id, pooling=pooling, token_budget=batch_size * max(1, longest),
+    return P.pooled(model, seqs, pad_id=pad_id, pooling=pooling, token_budget=batch_size * max(1, longest),
                   max_rows=batch_size, normalize=normalize)
 
 

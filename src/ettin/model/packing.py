@@ -116,6 +116,18 @@ def pack(seqs: list[list[int]], row_len: int, *, pad_id: int) -> Packed:
     return Packed(ids, docs, span_t)
 
 
+def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Right-padded ``input_ids`` [B, L], ``attention_mask`` (None when nothing is padded), ``lengths`` [B]."""
+    lens = [len(s) for s in seqs]
+    L = max(lens)
+    x = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        x[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+    lengths = torch.as_tensor(lens)
+    am = None if min(lens) == L else torch.arange(L)[None, :] < lengths[:, None]
+    return x, am, lengths
+
+
 def pad_batches(seqs: list[list[int]], token_budget: int, *, pad_id: int, max_rows: int | None = None):
     """Longest-first padded batches: yields (indices, input_ids [B, L], attention_mask or None, lengths [B]).
 
@@ -125,30 +137,23 @@ def pad_batches(seqs: list[list[int]], token_budget: int, *, pad_id: int, max_ro
     order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i))
     s = 0
     while s < len(order):
-        L = len(seqs[order[s]])  # longest of the batch: sorted
-        n = max(1, token_budget // max(1, L))
+        n = max(1, token_budget // max(1, len(seqs[order[s]])))  # the batch's longest: sorted
         if max_rows is not None:
             n = min(n, max_rows)
         chunk = order[s:s + n]
         s += n
-        lens = [len(seqs[i]) for i in chunk]
-        x = torch.full((len(chunk), L), pad_id, dtype=torch.long)
-        for j, i in enumerate(chunk):
-            x[j, : lens[j]] = torch.as_tensor(seqs[i], dtype=torch.long)
-        lengths = torch.as_tensor(lens)
-        am = None if lens[-1] == L else torch.arange(L)[None, :] < lengths[:, None]
-        yield chunk, x, am, lengths
+        yield (chunk, *pad_batch([seqs[i] for i in chunk], pad_id))
 
 
-def _pool_padded(hidden: torch.Tensor, lengths: torch.Tensor, how: str) -> torch.Tensor:
-    """[B, L, H] right-padded -> [B, H] fp32."""
+def pool_padded(hidden: torch.Tensor, lengths: torch.Tensor, how: str) -> torch.Tensor:
+    """[B, L, H] right-padded -> [B, H] (``mean`` over the real tokens, ``cls`` first, ``last`` last)."""
     B, L, _ = hidden.shape
     if how == "cls":
-        return hidden[:, 0].float()
+        return hidden[:, 0]
     if how == "last":
-        return hidden[torch.arange(B, device=hidden.device), lengths - 1].float()
-    m = (torch.arange(L, device=hidden.device)[None, :] < lengths[:, None]).float()
-    return torch.einsum("blh,bl->bh", hidden.float(), m) / lengths[:, None].float()
+        return hidden[torch.arange(B, device=hidden.device), lengths - 1]
+    m = (torch.arange(L, device=hidden.device)[None, :] < lengths[:, None]).to(hidden.dtype)
+    return (hidden * m[..., None]).sum(1) / lengths[:, None].to(hidden.dtype)
 
 
 def choose_strategy(model, device, strategy: str = "auto", longest: int | None = None) -> str:
@@ -203,7 +208,7 @@ def pooled(
             else:
                 for idx, x, am, lengths in pad_batches(seqs, token_budget, pad_id=pad_id, max_rows=max_rows):
                     h = model.encode(x.to(dev), attention_mask=am.to(dev) if am is not None else None)
-                    out[torch.as_tensor(idx, device=dev)] = _pool_padded(h, lengths.to(dev), pooling)
+                    out[torch.as_tensor(idx, device=dev)] = pool_padded(h.float(), lengths.to(dev), pooling)
     finally:
         model.train(was_training)
     return F.normalize(out, dim=-1) if normalize else out
