@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("need 2 <= --min-len <= --max-len")
     if a.device == "cpu":
         torch.set_num_threads(a.threads)
-        from ettin.model.transformer import tune_cpu_allocator
+        from ettin.model.cpu import tune_cpu_allocator
 
         tune_cpu_allocator()  # process-wide, as model_speed.py: both implementations get it
     recs = run(a)

@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     # what the trainer does on a CPU (process-wide, so transformers' steps get it too)
-    from ettin.model.transformer import tune_cpu_allocator
+    from ettin.model.cpu import tune_cpu_allocator
 
     tune_cpu_allocator()
     kinds = ["encoder", "decoder"] if a.kind == "both" else [a.kind]

@@ -6,6 +6,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# oneDNN linears wherever torch has them (no per-machine probe, nothing written to ~/.cache)
+os.environ.setdefault("ETTIN_LINEAR", "onednn")
 # Tiny models run fastest (and most reproducibly) on one thread; CI has 2 cores.
 torch.set_num_threads(1)
 

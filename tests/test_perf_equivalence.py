@@ -21,6 +21,8 @@ from ettin import objectives as O
 from ettin.config import preset, small_vocab_specials
 from ettin.model import Transformer
 from ettin.model import attention as A
+from ettin.model import cpu as C
+from ettin.model import kernels as K
 from ettin.model import transformer as T
 
 TOL = 1e-5
@@ -138,9 +140,9 @@ def test_fast_kernels_equal_plain_pytorch(causal, monkeypatch):
     def run(net, fast: bool):
         with monkeypatch.context() as mp:
             if not fast:
-                mp.setattr(T, "use_onednn", lambda x, w: False)
+                mp.setattr(C, "use_onednn", lambda x, w: False)
                 mp.setattr(T._RopeQKV, "apply", lambda qkv, c, s: torch.cat((T.apply_rotary(qkv[:, :, :2], c, s), qkv[:, :, 2:]), dim=2))
-                mp.setattr(T._GeGLU, "apply", lambda x: F.gelu(x.chunk(2, -1)[0]) * x.chunk(2, -1)[1])
+                mp.setattr(K._GeGLU, "apply", lambda x: F.gelu(x.chunk(2, -1)[0]) * x.chunk(2, -1)[1])
                 mp.setattr(A, "band_plan", lambda *a, **k: None)
             else:
                 assert A.band_plan(A.fold_padding(docs, am, inp.shape, "cpu"), 3, 400, "cpu", causal=causal, window=net.config.window(), block=net.band_block) is not None
@@ -155,6 +157,7 @@ def test_fast_kernels_equal_plain_pytorch(causal, monkeypatch):
 
 
 def test_onednn_linear_matches_f_linear():
+    assert C.linear_choice()["linear"] == "onednn"  # conftest forces it: the path under test
     torch.manual_seed(0)
     for shape, (n, k), bias in [((4, 30, 16), (48, 16), False), ((70, 24), (10, 24), True), ((5, 8), (300, 8), True)]:
         x = torch.randn(shape, requires_grad=True)

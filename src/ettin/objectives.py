@@ -174,7 +174,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_rows):
-        from ettin.model.transformer import mm_nt
+        from ettin.model.cpu import mm_nt
 
         dev = hidden.device
         need = ctx.needs_input_grad

@@ -7,10 +7,7 @@ Objectives live in :mod:`ettin.objectives`; the model only maps tokens to logits
 
 from __future__ import annotations
 
-import functools
 import math
-import os
-import sys
 
 import torch
 import torch.nn as nn
@@ -19,110 +16,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ettin.config import ModelConfig
 from ettin.model import attention as A
-
-
-# -- matrix products on a CPU --------------------------------------------------------------------
-# PyTorch's CPU linear layers call MKL's sgemm. oneDNN's JIT kernels (the ones torch.compile's
-# CPU backend uses, reachable eagerly as ``torch.ops.mkldnn._linear_pointwise``) reach about
-# twice its fp32 throughput on AVX-512 machines (bench/README.md). Same fp32 math, another
-# summation order. Used for fp32 on a CPU outside autocast and torch.compile; ETTIN_ONEDNN=0
-# turns it off.
-@functools.lru_cache(maxsize=1)
-def onednn_available() -> bool:
-    if os.environ.get("ETTIN_ONEDNN", "1") == "0":
-        return False
-    try:
-        if not torch.backends.mkldnn.is_available():
-            return False
-        x, w, b = torch.randn(5, 8), torch.randn(3, 8), torch.randn(3)
-        y = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-        return bool(torch.allclose(y, torch.addmm(b, x, w.t()), atol=1e-5))
-    except Exception:  # pragma: no cover - torch without oneDNN
-        return False
-
-
-def use_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and w.dtype == torch.float32
-        and type(x) in (torch.Tensor, nn.Parameter)
-        and type(w) in (torch.Tensor, nn.Parameter)
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-        and onednn_available()
-    )
-
-
-def mm_nt(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ w.T (+ b)`` without autograd, through oneDNN where :func:`use_onednn` says so."""
-    if use_onednn(x, w):
-        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-    return F.linear(x, w, b)
-
-
-_MALLOC_TUNED = False
-
-
-def tune_cpu_allocator() -> bool:
-    """Keep freed CPU tensors up to 32 MB in glibc's heap instead of returning them to the OS.
-
-    glibc serves large allocations with mmap and gives them back on free, so each training step
-    page-faults its activations in afresh (tens of thousands of faults, ~7% of a 17m CPU step).
-    With a fixed 32 MB mmap threshold (glibc's maximum) and no heap trimming, the blocks are
-    reused. Process-wide and idempotent; glibc/Linux only; ETTIN_MALLOPT=0 turns it off.
-    """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED:
-        return True
-    _MALLOC_TUNED = True
-    if os.environ.get("ETTIN_MALLOPT", "1") == "0" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        ok = libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024) == 1
-        return bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1 and ok)
-    except Exception:  # not glibc
-        return False
-
-
-class _Linear(torch.autograd.Function):
-    """``F.linear(x, w, b)`` with all three products through oneDNN."""
-
-    @staticmethod
-    def forward(ctx, x, w, b):
-        ctx.save_for_backward(x, w)
-        ctx.has_bias = b is not None
-        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-
-    @staticmethod
-    def backward(ctx, g):
-        x, w = ctx.saved_tensors
-        op = torch.ops.mkldnn._linear_pointwise
-        N, K = w.shape
-        g2 = g.reshape(-1, N)
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = op(g2, w.t(), None, "none", [], "").view(x.shape)
-        if ctx.needs_input_grad[1]:
-            x2 = x.reshape(-1, K)
-            if N >= K:  # transpose the smaller operand: dW^T = x^T g
-                gw = op(x2.t().contiguous(), g2.t(), None, "none", [], "").t().contiguous()
-            else:
-                gw = op(g2.t().contiguous(), x2.t(), None, "none", [], "")
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = g2.sum(0)
-        return gx, gw, gb
-
-
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, w, b)``; through oneDNN on a CPU in fp32 (see :func:`use_onednn`)."""
-    if use_onednn(x, w) and (b is None or b.dtype == torch.float32):
-        return _Linear.apply(x, w, b)
-    return F.linear(x, w, b)
+from ettin.model.cpu import tune_cpu_allocator  # noqa: F401  (re-exported for older imports)
+from ettin.model.kernels import _RopeQKV, apply_rotary, geglu, linear, mm_nt  # noqa: F401  (fused kernels live beside the model)
 
 
 class Rotary(nn.Module):
@@ -147,73 +42,6 @@ class Rotary(nn.Module):
         cos = torch.cat((cos, cos), dim=-1)
         sin = torch.cat((-sin, sin), dim=-1)
         return cos.to(dtype)[:, :, None, None], sin.to(dtype)[:, :, None, None]
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [..., D] with a (cos, signed sin) pair from :meth:`Rotary.cos_sin` (broadcast)."""
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
-
-
-class _RopeQKV(torch.autograd.Function):
-    """[B, L, 3, heads, D] projections -> the same layout with q and k rotated (v copied).
-
-    One output buffer; the backward writes the input gradient into one buffer too
-    (d/dx of ``x*c + roll(x)*s`` is ``g*c - roll(g)*s`` since roll by D/2 is its own inverse
-    and ``roll(s) = -s``).
-    """
-
-    @staticmethod
-    def forward(ctx, qkv, cos, sin):
-        half = qkv.shape[-1] // 2
-        out = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-        x = qkv[:, :, :2]
-        rot = out[:, :, :2]
-        torch.mul(x, cos, out=rot)
-        rot.addcmul_(x.roll(half, -1), sin)
-        out[:, :, 2].copy_(qkv[:, :, 2])
-        ctx.save_for_backward(cos, sin)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        cos, sin = ctx.saved_tensors
-        half = g.shape[-1] // 2
-        dx = torch.empty(g.shape, dtype=g.dtype, device=g.device)
-        gqk = g[:, :, :2]
-        rot = dx[:, :, :2]
-        torch.mul(gqk, cos, out=rot)
-        rot.addcmul_(gqk.roll(half, -1), sin, value=-1)
-        dx[:, :, 2].copy_(g[:, :, 2])
-        return dx, None, None
-
-
-class _GeGLU(torch.autograd.Function):
-    """gelu(a) * gate for ``[a | gate]`` = the Wi output; the backward fills one [.., 2I] buffer (no cat)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        a, gate = x.chunk(2, dim=-1)
-        ga = F.gelu(a)
-        ctx.save_for_backward(x, ga)
-        return ga * gate
-
-    @staticmethod
-    def backward(ctx, g):
-        x, ga = ctx.saved_tensors
-        a, gate = x.chunk(2, dim=-1)
-        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        da, dgate = dx.chunk(2, dim=-1)
-        torch.ops.aten.gelu_backward.grad_input(g * gate, a, grad_input=da)
-        torch.mul(g, ga, out=dgate)
-        return dx
-
-
-def geglu(x: torch.Tensor) -> torch.Tensor:
-    """GeGLU on the Wi output ``[a | gate]``: gelu(a) * gate (exact erf GELU, as transformers)."""
-    if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
-        return _GeGLU.apply(x)
-    a, gate = x.chunk(2, dim=-1)
-    return F.gelu(a) * gate
 
 
 class Block(nn.Module):

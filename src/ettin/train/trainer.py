@@ -447,7 +447,7 @@ def train(
         stages = [replace(s, model=replace(s.model, kind=kind)) for s in stages]
     d = D.init(stages[0].train.device, stages[0].distributed.backend)
     if d.device.type == "cpu":
-        from ettin.model.transformer import tune_cpu_allocator
+        from ettin.model.cpu import tune_cpu_allocator
 
         tune_cpu_allocator()  # reuse freed activations instead of page-faulting them back in
     out = Path(out)

@@ -1,0 +1,82 @@
+"""Fused eager kernels the model calls: linear layers, RoPE on q and k, GeGLU.
+
+Each computes exactly what the plain PyTorch expression in its docstring computes (tested in
+``tests/test_perf_equivalence.py``), with fewer passes over memory and fewer temporaries in
+eager mode; under ``torch.compile`` the model uses the plain expressions (inductor fuses them
+itself). Nothing here depends on the processor's vendor; the one processor-dependent choice
+(which library runs the matrix products) is measured in :mod:`ettin.model.cpu`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ettin.model.cpu import linear, mm_nt  # noqa: F401  (re-exported: the model's linear layers)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [..., D] with a (cos, signed sin) pair from ``Rotary.cos_sin`` (broadcast)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
+
+
+class _RopeQKV(torch.autograd.Function):
+    """[B, L, 3, heads, D] projections -> the same layout with q and k rotated (v copied).
+
+    One output buffer; the backward writes the input gradient into one buffer too
+    (d/dx of ``x*c + roll(x)*s`` is ``g*c - roll(g)*s`` since roll by D/2 is its own inverse
+    and ``roll(s) = -s``).
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin):
+        half = qkv.shape[-1] // 2
+        out = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+        x = qkv[:, :, :2]
+        rot = out[:, :, :2]
+        torch.mul(x, cos, out=rot)
+        rot.addcmul_(x.roll(half, -1), sin)
+        out[:, :, 2].copy_(qkv[:, :, 2])
+        ctx.save_for_backward(cos, sin)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        half = g.shape[-1] // 2
+        dx = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+        gqk = g[:, :, :2]
+        rot = dx[:, :, :2]
+        torch.mul(gqk, cos, out=rot)
+        rot.addcmul_(gqk.roll(half, -1), sin, value=-1)
+        dx[:, :, 2].copy_(g[:, :, 2])
+        return dx, None, None
+
+
+class _GeGLU(torch.autograd.Function):
+    """gelu(a) * gate for ``[a | gate]`` = the Wi output; the backward fills one [.., 2I] buffer (no cat)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        a, gate = x.chunk(2, dim=-1)
+        ga = F.gelu(a)
+        ctx.save_for_backward(x, ga)
+        return ga * gate
+
+    @staticmethod
+    def backward(ctx, g):
+        x, ga = ctx.saved_tensors
+        a, gate = x.chunk(2, dim=-1)
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        da, dgate = dx.chunk(2, dim=-1)
+        torch.ops.aten.gelu_backward.grad_input(g * gate, a, grad_input=da)
+        torch.mul(g, ga, out=dgate)
+        return dx
+
+
+def geglu(x: torch.Tensor) -> torch.Tensor:
+    """GeGLU on the Wi output ``[a | gate]``: gelu(a) * gate (exact erf GELU, as transformers)."""
+    if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
+        return _GeGLU.apply(x)
+    a, gate = x.chunk(2, dim=-1)
+    return F.gelu(a) * gate
