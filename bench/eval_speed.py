@@ -140,8 +140,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if not (args.data / "mc").is_dir():
         sys.exit(f"{args.data}: no mc/ directory (pass --data)")
-    out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "size": args.size,
-           "device": "cpu"}
+    from machine import machine  # bench/ is on sys.path
+
+    out = {**machine("cpu"), "cpu_count": os.cpu_count(), "size": args.size, "device": "cpu"}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         tok_dir = train_tok(args.data, Path(tmp) / "tok", args.tok_vocab)

@@ -130,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(HERE))
+    from machine import machine
+
+    host = machine("cuda" if not a.smoke else "cpu", kernels=False)  # the items' own records add theirs
     t0 = time.monotonic()
     failed = 0
     for name in chosen:
@@ -147,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             secs = round(time.monotonic() - t, 1)
             with out.open("a") as fh:
                 for r in rows:
-                    r = {"item": name, **r, "item_seconds": secs}
+                    r = {"item": name, **host, **r, "item_seconds": secs}
                     failed += "error" in r or r.get("ok") is False
                     fh.write(json.dumps(r) + "\n")
                     brief = {k: r[k] for k in ("impl", "kind", "size", "parallel", "tokens_per_s", "mfu", "peak_memory_gib", "check", "ok", "error") if k in r}

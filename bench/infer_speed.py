@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_speed import cpu_model  # noqa: E402  (one CPU-name helper for every benchmark)
+from machine import machine  # noqa: E402  (one machine record for every benchmark)
 
 
 def make_corpus(n: int, min_len: int, max_len: int, cfg, *, full: bool, seed: int = 0) -> list[list[int]]:
@@ -168,9 +168,7 @@ def run(a) -> list[dict]:
         "kind": "encoder", "size": a.size, "device": a.device, "batch": a.batch, "seq_len": a.max_len,
         "min_len": None if a.full else a.min_len, "lengths": "full" if a.full else "uniform", "n_seqs": len(seqs),
         "real_tokens": real, "rounds": a.rounds, "precision": "bf16-autocast" if dev.type == "cuda" else "fp32",
-        "threads": torch.get_num_threads() if dev.type == "cpu" else None, "torch": torch.__version__,
-        "transformers": transformers.__version__, "cpu": cpu_model() if dev.type == "cpu" else None,
-        "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else None,
+        "transformers": transformers.__version__, **machine(a.device),
     }
     recs = []
     for name, ts in times.items():

@@ -79,7 +79,8 @@ def step_fns(kind: str, ours, theirs, inputs, labels, fused: bool = False, same_
         # scaled to the mean, gradient norm, optimizer step
         loss = ours(inputs, labels=labels) / n_loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(ours.parameters(), float("inf"))
+        with torch.profiler.record_function("grad_norm"):  # (train_speed.py --profile groups it with the optimizer)
+            torch.nn.utils.clip_grad_norm_(ours.parameters(), float("inf"))
         opt_o.step()
         opt_o.zero_grad(set_to_none=True)
         return loss.item()
@@ -118,17 +119,7 @@ def bench(kind: str, size: str, batch: int, seq_len: int, steps: int, warmup: in
     return {name: batch * seq_len / statistics.median(ts) for name, ts in times.items()}
 
 
-def cpu_model() -> str:
-    """The CPU's name (for the record: a figure means little without the machine)."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
+from machine import cpu_model, machine  # noqa: E402,F401  (bench/ is on sys.path: one machine record everywhere)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -154,8 +145,8 @@ def main(argv: list[str] | None = None) -> None:
         tps = bench(kind, a.size, a.batch, a.seq_len, a.steps, a.warmup, a.fused_optimizer, a.same_optimizer)
         names = optimizer_names(a.fused_optimizer, a.same_optimizer)
         for impl, v in tps.items():
-            rec = {"impl": impl, "kind": kind, "size": a.size, "device": "cpu", "threads": a.threads, "batch": a.batch, "seq_len": a.seq_len,
-                   "optimizer": names[impl], "tokens_per_s": round(v, 1), "cpu": cpu_model(), "torch": torch.__version__}
+            rec = {"impl": impl, "kind": kind, "size": a.size, "device": "cpu", "batch": a.batch, "seq_len": a.seq_len,
+                   "optimizer": names[impl], "tokens_per_s": round(v, 1), **machine("cpu")}
             if a.json:
                 print(json.dumps(rec), flush=True)
             else:

@@ -24,6 +24,7 @@ masking: the mask's cost), ``--activation-checkpointing`` (memory of the large s
 ``--compile on|off|auto`` and ``--attn-impl`` for ours. ``bench/gpu_matrix.py`` runs them all.
 
     python bench/train_speed.py --device cpu --size 17m --json
+    python bench/train_speed.py --profile                 # where a 17m CPU step spends its time, ours and theirs
     python bench/train_speed.py --device cuda --size 150m --batch 32 --seq-len 1024 --json
 """
 
@@ -43,7 +44,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_speed import cpu_model  # noqa: E402  (one CPU-name helper for both benchmarks)
+from machine import machine  # noqa: E402  (one machine record for every benchmark)
 
 
 def prepare_data(root: Path, docs: int = 404) -> Path:
@@ -182,9 +183,7 @@ def run_kind(a, kind: str, data: Path, work: Path) -> list[dict]:
     recs = []
     base = {"kind": kind, "size": a.size, "device": a.device, "batch": a.batch, "seq_len": a.seq_len, "vocab_size": a.vocab_size,
             "threads": torch.get_num_threads() if dev.type == "cpu" else None,
-            "mode": "sequential" if a.sequential else "interleaved", "torch": torch.__version__,
-            "cpu": cpu_model() if dev.type == "cpu" else None,
-            "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else None}
+            "mode": "sequential" if a.sequential else "interleaved", **machine(a.device)}
     flops = peak_flops(dev)
 
     def mfu(tok_s: float, params: int) -> float | None:
@@ -265,6 +264,106 @@ def run_kind(a, kind: str, data: Path, work: Path) -> list[dict]:
     return recs
 
 
+# -- --profile: where a step's time goes ---------------------------------------------------------
+GROUPS = ("linears/matmul", "head+loss", "attention", "norms", "activation", "elementwise", "embedding",
+          "optimizer", "copies/alloc", "other")
+
+
+def op_group(name: str, shapes, vocab: int, scopes: tuple[str, ...] = ()) -> str:
+    """The group of one profiled op: by the regions around it (optimizer, gradient norm), then by
+    its shapes (anything touching a vocabulary-sized dimension is the head + loss), then its name."""
+    if any(s.startswith("Optimizer.") or s == "grad_norm" for s in scopes):
+        return "optimizer"
+    n = name.lower()
+    if "_foreach" in n:
+        return "optimizer"
+    if "embedding" in n:
+        return "embedding"
+    flat = [d for s in (shapes or []) if isinstance(s, (list, tuple)) for d in s if isinstance(d, int)]
+    if vocab in flat or any(k in n for k in ("log_softmax", "nll_loss", "cross_entropy", "logsumexp")):
+        return "head+loss"
+    if any(k in n for k in ("mm", "linear", "matmul", "_linear_pointwise", "addmv")):
+        return "linears/matmul"
+    if any(k in n for k in ("attention", "flash", "sdpa", "softmax", "masked_fill", "unfold")):
+        return "attention"
+    if "norm" in n:
+        return "norms"
+    if "gelu" in n or "silu" in n or "tanh" in n:
+        return "activation"
+    if any(k in n for k in ("copy", "clone", "contiguous", "cat", "empty", "zero", "fill", "_to_copy", "index", "stack",
+                            "pad", "as_strided", "resize", "where", "full", "ones", "roll")):
+        return "copies/alloc"
+    if any(k in n for k in ("mul", "add", "sub", "div", "neg", "sum", "addcmul", "rsqrt", "sqrt", "pow", "lerp")):
+        return "elementwise"
+    return "other"
+
+
+def profile(a) -> list[dict]:
+    """One profiled training step per implementation (after a warmup), grouped by kind of work.
+
+    Same compute as ``Learner.step`` on our side (``bench/model_speed.py``'s step: fused head +
+    loss, gradient norm, StableAdamW) and transformers' own loss + AdamW on theirs, same batch
+    and weights. Self CPU time per op, so nothing is counted twice.
+    """
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from model_speed import make_batch, make_pair, step_fns
+
+    kinds = ["encoder", "decoder"] if a.kind == "both" else [a.kind]
+    out = []
+    for kind in kinds:
+        ours, theirs = make_pair(kind, a.size)
+        inputs, labels = make_batch(kind, a.batch, a.seq_len, ours.config)
+        fns = step_fns(kind, ours, theirs, inputs, labels)
+        vocab = ours.config.vocab_size
+        for name, fn in fns.items():
+            for _ in range(max(1, a.warmup)):
+                fn()
+            t0 = time.perf_counter()
+            with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                fn()
+            wall = time.perf_counter() - t0
+            groups = dict.fromkeys(GROUPS, 0.0)
+            ops = []
+            for ev in prof.events():
+                us = ev.self_cpu_time_total
+                if us <= 0:
+                    continue
+                scopes, par = [], ev.cpu_parent
+                while par is not None:
+                    scopes.append(par.name)
+                    par = par.cpu_parent
+                g = op_group(ev.name, ev.input_shapes, vocab, tuple(scopes))
+                groups[g] += us / 1e3
+                ops.append((us / 1e3, ev.name, g))
+            total = sum(groups.values())
+            top: dict[str, float] = {}
+            for ms, key, g in ops:
+                top[f"{key} [{g}]"] = top.get(f"{key} [{g}]", 0.0) + ms
+            out.append({"profile": True, "impl": name, "kind": kind, "size": a.size, "batch": a.batch, "seq_len": a.seq_len,
+                        "step_ms": round(1e3 * wall, 1), "self_cpu_ms": round(total, 1),
+                        "groups_ms": {k: round(v, 1) for k, v in groups.items()},
+                        "top_ops_ms": dict(sorted(((k, round(v, 1)) for k, v in top.items()), key=lambda kv: -kv[1])[:12]),
+                        **machine("cpu")})
+        del ours, theirs, fns
+    return out
+
+
+def print_profile(recs: list[dict]) -> None:
+    for kind in dict.fromkeys(r["kind"] for r in recs):
+        pair = [r for r in recs if r["kind"] == kind]
+        print(f"\n{kind} {pair[0]['size']} step, self CPU time by group (ms, share); "
+              + ", ".join(f"{r['impl']} {r['step_ms']:.0f} ms wall" for r in pair))
+        print(f"  {'group':16s}" + "".join(f"{r['impl']:>24s}" for r in pair))
+        for g in GROUPS:
+            cells = "".join(f"{r['groups_ms'][g]:14.1f} ({100 * r['groups_ms'][g] / max(r['self_cpu_ms'], 1e-9):4.1f}%)" + " " * 1 for r in pair)
+            print(f"  {g:16s}{cells}")
+        for r in pair:
+            print(f"  top ops, {r['impl']}:")
+            for k, v in r["top_ops_ms"].items():
+                print(f"    {v:9.1f} ms  {k}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -287,6 +386,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sequential", action="store_true", default=None, help="ours then theirs (default on a GPU)")
     p.add_argument("--interleaved", dest="sequential", action="store_false")
     p.add_argument("--workdir", default=None, help="where the data and runs go (default: a temporary directory)")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one step of each implementation (torch.profiler) and print where the time goes")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     a.compile = {"auto": "auto", "on": True, "off": False}[a.compile]
@@ -294,6 +395,19 @@ def main(argv: list[str] | None = None) -> None:
         a.sequential = a.device == "cuda"
     if a.device == "cpu":
         torch.set_num_threads(a.threads)
+    if a.profile:
+        if a.device != "cpu":
+            p.error("--profile profiles the CPU step")
+        from ettin.model.cpu import tune_cpu_allocator
+
+        tune_cpu_allocator()  # as the trainer
+        recs = profile(a)
+        if a.json:
+            for r in recs:
+                print(json.dumps(r), flush=True)
+        else:
+            print_profile(recs)
+        return
     kinds = ["encoder", "decoder"] if a.kind == "both" else [a.kind]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.workdir or tmp)

@@ -16,6 +16,9 @@ from ettin.eval.options import EvalOptions
 from ettin.eval.tasks import TaskSpec, data_dir_or_default, resolve_tasks
 
 
+FINE_TUNED = ("glue", "retrieval")  # families that train a head (or the encoder): fp32 whatever --precision says
+
+
 def make_options(options: EvalOptions | None = None, **overrides) -> EvalOptions:
     opts = options or EvalOptions()
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -33,10 +36,14 @@ def prepare(tasks, data_dir, split: str, opts: EvalOptions) -> list[tuple[TaskSp
 
 def run_prepared(em: EvalModel, prepared: list[tuple[TaskSpec, object]], opts: EvalOptions,
                  on_task: Callable[[str, dict, float], None] | None = None) -> dict[str, dict]:
+    from ettin.model.cpu import precision_context
+
     results: dict[str, dict] = {}
     for spec, data in prepared:
         t0 = time.perf_counter()
-        res = spec.module.run(em, spec, data, opts)
+        tuned = spec.family in FINE_TUNED and opts.finetune
+        with precision_context("fp32" if tuned else opts.precision, opts.device):
+            res = spec.module.run(em, spec, data, opts)
         results[spec.name] = res
         if on_task is not None:
             on_task(spec.name, res, time.perf_counter() - t0)

@@ -123,6 +123,7 @@ def register(app) -> None:
         max_length: int = typer.Option(None, "--max-length", help="Longest scored sequence (contexts are cut from the left)."),
         no_finetune: bool = typer.Option(False, "--no-finetune", help="Zero-shot retrieval; GLUE is skipped."),
         no_log: bool = typer.Option(False, "--no-log", help="Do not append to RUN/eval.jsonl."),
+        precision: str = typer.Option(None, "--precision", help="fp32 (default) or bf16 autocast for zero-shot scoring (GPUs; CPUs with AVX512-BF16/AMX); fine-tuning stays fp32."),
     ):
         """Evaluate checkpoints on zero-shot and fine-tuned tasks (both sides, same tasks)."""
         from rich.console import Console
@@ -135,7 +136,7 @@ def register(app) -> None:
         opts = make_options(
             batch_size=batch_size, device=device, limit=limit, seeds=_parse_list(seeds, int, "--seeds"),
             lrs=_parse_list(lrs, float, "--lrs"), epochs=epochs, encoder_pooling=encoder_pooling,
-            decoder_pooling=decoder_pooling, max_length=max_length, finetune=not no_finetune,
+            decoder_pooling=decoder_pooling, max_length=max_length, finetune=not no_finetune, precision=precision,
         )
         console = Console(stderr=json_out is not None and str(json_out) == "-")
         data_dir = data_dir_or_default(data)
@@ -172,6 +173,7 @@ def register(app) -> None:
         device: str = typer.Option("cpu", "--device", help="cpu or cuda (bf16 autocast)."),
         strategy: str = typer.Option("auto", "--strategy", help="auto, packed (rows of several texts, documents masked) or padded."),
         batch_tokens: int = typer.Option(32768, "--batch-tokens", help="Tokens per forward pass (pads included)."),
+        precision: str = typer.Option(None, "--precision", help="fp32 or bf16 (autocast; GPUs and CPUs with AVX512-BF16/AMX). Default: bf16 on cuda, fp32 on cpu."),
     ):
         """Pooled embeddings of many texts, unpadded (packed) where that saves work."""
         from rich.console import Console
@@ -180,6 +182,6 @@ def register(app) -> None:
 
         console = Console(stderr=True)
         res = run(model, input_path, out, field=field, pooling=pooling, max_length=max_length, normalize=normalize,
-                  device=device, strategy=strategy, token_budget=batch_tokens, console=console)
+                  device=device, strategy=strategy, token_budget=batch_tokens, console=console, precision=precision)
         console.print(f"wrote {res['out']}: {res['shape'][0]} x {res['shape'][1]} ({res['tokens']:,} tokens, "
                       f"{res['tokens_per_s']:,.0f} tokens/s)")

@@ -42,9 +42,13 @@ def read_texts(path: Path, field: str = "text") -> list[str]:
 
 
 def embed_texts(em, texts: list[str], *, pooling: str | None = None, max_length: int = 512, normalize: bool = False,
-                strategy: str = "auto", token_budget: int = 32768, chunk: int = 4096, on_progress=None) -> np.ndarray:
-    """[N, hidden] float32 embeddings of ``texts`` with an :class:`ettin.eval.loading.EvalModel`."""
-    import torch
+                strategy: str = "auto", token_budget: int = 32768, chunk: int = 4096, on_progress=None,
+                precision: str | None = None) -> np.ndarray:
+    """[N, hidden] float32 embeddings of ``texts`` with an :class:`ettin.eval.loading.EvalModel`.
+
+    ``precision``: fp32, or bf16 autocast (GPUs; CPUs with AVX512-BF16/AMX); None = bf16 on a GPU, fp32 on a CPU.
+    """
+    from ettin.model.cpu import check_precision, precision_context
 
     from ettin.eval import finetune as ft
     from ettin.model.packing import pooled
@@ -55,10 +59,10 @@ def embed_texts(em, texts: list[str], *, pooling: str | None = None, max_length:
     pooling = pooling or ("last" if cfg.causal else "mean")
     model = em.model
     out = np.empty((len(texts), cfg.hidden), dtype=np.float32)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if em.device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    precision = check_precision(precision, em.device)
     for s in range(0, len(texts), chunk):
         ids = [ft.frame(x, cfg.cls_id, cfg.sep_id, max_length) for x in em.tokenizer.encode_batch(texts[s:s + chunk])]
-        with autocast:
+        with precision_context(precision, em.device):
             vec = pooled(model, ids, pad_id=cfg.pad_id, pooling=pooling, strategy=strategy, row_len=max(max_length, 8),
                          token_budget=token_budget, normalize=normalize)
         out[s:s + len(ids)] = vec.float().cpu().numpy()
@@ -79,13 +83,16 @@ def write_npy(path: Path, arr: np.ndarray) -> None:
 
 
 def run(model_path: Path, input_path: Path, out: Path, *, field: str, pooling: str | None, max_length: int, normalize: bool,
-        device: str, strategy: str, token_budget: int, console) -> dict:
+        device: str, strategy: str, token_budget: int, console, precision: str | None = None) -> dict:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from ettin.eval.loading import load_for_eval
 
     if out.suffix != ".npy":
         raise EttinError(f"{out}: the output must be a .npy file")
+    from ettin.model.cpu import check_precision
+
+    precision = check_precision(precision, device)  # before any slow work
     texts = read_texts(input_path, field)
     models = load_for_eval(model_path, device)
     if len(models) > 1:
@@ -106,8 +113,9 @@ def run(model_path: Path, input_path: Path, out: Path, *, field: str, pooling: s
             bar.update(task, advance=n, speed=f"{tokens / max(1e-9, time.perf_counter() - t0):,.0f} tok/s")
 
         arr = embed_texts(em, texts, pooling=pooling, max_length=max_length, normalize=normalize, strategy=strategy,
-                          token_budget=token_budget, on_progress=progress)
+                          token_budget=token_budget, on_progress=progress, precision=precision)
     secs = time.perf_counter() - t0
     write_npy(out, arr)
     return {"model": em.name, "texts": len(texts), "tokens": tokens, "seconds": round(secs, 2),
-            "tokens_per_s": round(tokens / max(secs, 1e-9), 1), "shape": list(arr.shape), "out": str(out)}
+            "tokens_per_s": round(tokens / max(secs, 1e-9), 1), "shape": list(arr.shape), "out": str(out),
+            "precision": precision}

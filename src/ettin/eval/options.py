@@ -39,6 +39,7 @@ class EvalOptions:
     query_max_length: int = 64
     doc_max_length: int = 256
     progress: bool = False
+    precision: str = "fp32"  # "bf16": autocast for zero-shot scoring (fine-tuning stays fp32)
 
     def replace(self, **changes) -> "EvalOptions":
         names = {f.name for f in dataclasses.fields(self)}
@@ -61,6 +62,9 @@ class EvalOptions:
             raise EttinError(f"encoder pooling must be 'mean' or 'cls', got '{self.encoder_pooling}'")
         if self.decoder_pooling not in ("last", "mean"):
             raise EttinError(f"decoder pooling must be 'last' or 'mean', got '{self.decoder_pooling}'")
+        from ettin.model.cpu import check_precision
+
+        check_precision(self.precision, self.device)  # bf16 on a CPU without it: one clear line, before any work
         if not self.seeds:
             raise EttinError("give at least one seed")
         if not self.lrs or any(lr <= 0 for lr in self.lrs):

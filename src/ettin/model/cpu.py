@@ -290,3 +290,38 @@ def describe() -> dict:
     return {"linear": c["linear"], "linear_source": c["source"],
             **({"probe_aten_s": c["aten_s"], "probe_onednn_s": c["onednn_s"]} if "aten_s" in c else {}),
             "malloc_tuned": _MALLOC_TUNED and os.environ.get("ETTIN_MALLOPT", "1") != "0"}
+
+
+# -- inference precision ----------------------------------------------------------------------
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision: str | None, device) -> str:
+    """The precision to run inference in: ``fp32`` or ``bf16`` (autocast); None = the device's default
+    (bf16 on a GPU, fp32 on a CPU).
+
+    bf16 on a CPU only where the CPU computes it natively (AVX512-BF16 or AMX-BF16): elsewhere
+    PyTorch emulates it, slower than fp32 and less accurate, so we refuse with one line rather
+    than run a slower, worse computation (``ETTIN_ALLOW_BF16=1`` runs it anyway, for tests).
+    """
+    from ettin.errors import EttinError
+
+    dev = torch.device(device)
+    if precision is None:
+        return "bf16" if dev.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise EttinError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" and dev.type == "cpu" and not bf16_supported() and os.environ.get("ETTIN_ALLOW_BF16") != "1":
+        raise EttinError(f"--precision bf16: this CPU ({cpu_info()['model']}) has neither AVX512-BF16 nor AMX-BF16, "
+                         "so bf16 would run slower than fp32; use --precision fp32")
+    return precision
+
+
+def precision_context(precision: str, device):
+    """Autocast to bf16 for ``bf16`` (products in bf16, softmax/norms as autocast keeps them), nothing for fp32."""
+    import contextlib
+
+    dev = torch.device(device)
+    if precision == "bf16":
+        return torch.autocast(dev.type, dtype=torch.bfloat16)
+    return torch.autocast(dev.type, enabled=False) if dev.type in ("cpu", "cuda") else contextlib.nullcontext()
