@@ -22,7 +22,12 @@ on a GPU, each implementation alone (its own weights on the device, clean ``peak
 background load; compare implementations within one run). ``auto`` says whether that strategy
 is what ``strategy="auto"`` picks on this device.
 
+``--precision both`` (CPU) adds ours packed and transformers under bf16 autocast, with the
+smallest cosine of our bf16 embeddings to our fp32 ones (``cos_vs_fp32_min``); bf16 on a CPU is
+meant for CPUs with AVX512-BF16 / AMX (the record's ``cpu_flags``).
+
     python bench/infer_speed.py --device cpu --size 17m --batch 32 --max-len 512 --json
+    python bench/infer_speed.py --device cpu --size 17m --precision both --strategy packed --json
     python bench/infer_speed.py --device cuda --size 150m --batch 256 --max-len 512 --json
 """
 
@@ -128,13 +133,24 @@ def run(a) -> list[dict]:
 
     fns = {f"ettin/{s}": ours_fn(s) for s in strategies}
     fns["transformers/padded"] = lambda: theirs_pass(theirs, seqs, a.batch, cfg.pad_id, dev)
+    if dev.type == "cpu" and a.precision in ("bf16", "both"):
+        from ettin.model.cpu import check_precision
+
+        check_precision("bf16", "cpu")  # refuses on a CPU without bf16 (ETTIN_ALLOW_BF16=1 overrides)
+        fns.update({f"{k}/bf16": fns[k] for k in list(fns) if k in ("ettin/packed", "transformers/padded")})
+        if a.precision == "bf16":
+            fns = {k: v for k, v in fns.items() if k.endswith("/bf16")}
     models = {name: (ours if name.startswith("ettin") else theirs) for name in fns}
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else contextlib.nullcontext
+
+    def amp(name):
+        if dev.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", dtype=torch.bfloat16) if name.endswith("/bf16") else contextlib.nullcontext()
 
     def timed(name) -> tuple[float, torch.Tensor]:
         sync(dev)
         t0 = time.perf_counter()
-        with amp():
+        with amp(name):
             y = fns[name]()
         sync(dev)
         return time.perf_counter() - t0, y
@@ -161,23 +177,27 @@ def run(a) -> list[dict]:
                     times[name].append(t)
             peak[name] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             models[name].to("cpu")
-    ref = outs["transformers/padded"]
+    ref = outs.get("transformers/padded", outs.get("transformers/padded/bf16"))
     import transformers
 
     base = {
         "kind": "encoder", "size": a.size, "device": a.device, "batch": a.batch, "seq_len": a.max_len,
         "min_len": None if a.full else a.min_len, "lengths": "full" if a.full else "uniform", "n_seqs": len(seqs),
-        "real_tokens": real, "rounds": a.rounds, "precision": "bf16-autocast" if dev.type == "cuda" else "fp32",
+        "real_tokens": real, "rounds": a.rounds,
         "transformers": transformers.__version__, **machine(a.device),
     }
     recs = []
     for name, ts in times.items():
-        impl, strategy = name.split("/")
+        impl, strategy, *prec = name.split("/")
+        precision = "bf16-autocast" if dev.type == "cuda" or prec else "fp32"
+        cos = None
+        if prec and name[: -len("/bf16")] in outs:
+            cos = float(torch.nn.functional.cosine_similarity(outs[name].float().cpu(), outs[name[: -len("/bf16")]].float().cpu(), dim=-1).min())
         seen, passes = processed_tokens(seqs, strategy, a.batch, a.max_len, cfg.pad_id)
         t = statistics.median(ts)
         diff = float((outs[name].float().cpu() - ref.float()).abs().max())
         recs.append({
-            "impl": impl, **base, "strategy": strategy, "auto": strategy == auto if impl == "ettin" else None,
+            "impl": impl, **base, "strategy": strategy, "precision": precision, "cos_vs_fp32_min": cos, "auto": strategy == auto if impl == "ettin" else None,
             "tokens_per_s": round(real / t, 1), "best_tokens_per_s": round(real / min(ts), 1),
             "padded_tokens_per_s": round(seen / t, 1), "pad_share": round(1 - real / seen, 4),
             "forward_passes": passes, "seconds_per_pass": round(t, 4), "pass_seconds": [round(x, 3) for x in ts],
@@ -200,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=5, help="timed passes over the corpus (after warmup)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "both"],
+                   help="CPU: fp32, bf16 autocast, or both side by side (a GPU always runs bf16 autocast)")
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     a = p.parse_args(argv)
     if a.min_len < 2 or a.max_len < a.min_len:
@@ -210,14 +232,15 @@ def main(argv: list[str] | None = None) -> None:
 
         tune_cpu_allocator()  # process-wide, as model_speed.py: both implementations get it
     recs = run(a)
-    theirs = next(r for r in recs if r["impl"] == "transformers")
     for r in recs:
+        theirs = next(t for t in recs if t["impl"] == "transformers" and t["precision"] == r["precision"])
         if a.json:
             print(json.dumps(r), flush=True)
         else:
             mem = f"  peak {r['peak_memory_gib']} GiB" if r["peak_memory_gib"] is not None else ""
-            print(f"{a.size:5s} {r['impl']:13s} {r['strategy']:7s} {r['tokens_per_s']:10,.0f} real tokens/s  "
-                  f"pads {100 * r['pad_share']:4.1f}%  {r['tokens_per_s'] / theirs['tokens_per_s']:.2f}x transformers{mem}", flush=True)
+            cos = f"  cos vs fp32 >= {r['cos_vs_fp32_min']:.5f}" if r["cos_vs_fp32_min"] is not None else ""
+            print(f"{a.size:5s} {r['impl']:13s} {r['strategy']:7s} {r['precision']:13s} {r['tokens_per_s']:10,.0f} real tokens/s  "
+                  f"pads {100 * r['pad_share']:4.1f}%  {r['tokens_per_s'] / theirs['tokens_per_s']:.2f}x transformers{mem}{cos}", flush=True)
 
 
 if __name__ == "__main__":

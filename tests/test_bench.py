@@ -26,3 +26,39 @@ def test_gpu_matrix_smoke(tmp_path):
         assert x["tokens_per_s"] > 0 and x["size"] == "tiny" and x["device"] == "cpu"
         for key in ("batch", "seq_len", "peak_memory_gib") + (("mfu",) if x["item"] != "infer" else ()):
             assert key in x
+    # every record names the machine (bench/machine.py)
+    for x in rows:
+        for key in ("cpu", "cpu_vendor", "cpu_flags", "torch", "threads"):
+            assert key in x, key
+
+
+def test_train_speed_profile_groups_a_step(tmp_path):
+    """``train_speed.py --profile``: one profiled step per side, self time split into groups that add up."""
+    cmd = [sys.executable, str(ROOT / "bench" / "train_speed.py"), "--profile", "--size", "tiny", "--kind", "encoder", "--batch", "2",
+           "--seq-len", "64", "--warmup", "1", "--threads", "1", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    recs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert [x["impl"] for x in recs] == ["ettin", "transformers"]
+    for x in recs:
+        g = x["groups_ms"]
+        assert abs(sum(g.values()) - x["self_cpu_ms"]) <= 0.1 * len(g)
+        for key in ("linears/matmul", "head+loss", "attention", "optimizer"):
+            assert g[key] > 0, (x["impl"], key, g)
+        assert x["cpu"] and "cpu_flags" in x and x["cpu_kernels"]["linear"] in ("onednn", "aten")
+
+
+def test_op_groups():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from train_speed import op_group
+
+    V = 1000
+    assert op_group("aten::mm", [[8, 64], [64, V]], V) == "head+loss"
+    assert op_group("mkldnn::_linear_pointwise", [[8, 64], [192, 64]], V) == "linears/matmul"
+    assert op_group("aten::_log_softmax_backward_data", [[8, 7]], V) == "head+loss"
+    assert op_group("aten::_scaled_dot_product_flash_attention_for_cpu_backward", [], V) == "attention"
+    assert op_group("aten::native_layer_norm", [], V) == "norms"
+    assert op_group("aten::gelu_backward", [], V) == "activation"
+    assert op_group("aten::lerp_", [[V, 64]], V, ("Optimizer.step#StableAdamW.step",)) == "optimizer"
+    assert op_group("aten::copy_", [[8, 64]], V) == "copies/alloc"
+    assert op_group("aten::embedding_dense_backward", [[8, 64], [V, 64]], V) == "embedding"

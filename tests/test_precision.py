@@ -80,17 +80,17 @@ def test_embed_cli_precision(bf16_cpu, tmp_path):
 
 
 def test_bf16_mc_accuracy_unchanged(bf16_cpu, tmp_path, shared_data):
-    """Multiple choice on real validation items (arc_easy, piqa; 150 each), decoder and encoder:
-    the same accuracy, and per-choice log-likelihoods within bf16's rounding."""
+    """Multiple choice on real validation items: the same accuracy in bf16 as in fp32
+    (decoder: arc_easy + piqa, 100 items each; encoder, masked scoring: arc_easy, 20 items)."""
     from pathlib import Path
 
     from ettin.eval import evaluate
     from ettin.eval.testing import tiny_model, tiny_tokenizer
 
     tok = tiny_tokenizer(tmp_path / "tok")
-    for kind in ("decoder", "encoder"):
+    for kind, tasks, limit in (("decoder", ("arc_easy", "piqa"), 100), ("encoder", ("arc_easy",), 20)):
         model = tiny_model(kind, tok, size="tiny", seed=3)
-        res = {p: evaluate(model, "arc_easy,piqa", Path(shared_data), tokenizer=tok, limit=150, precision=p, batch_size=16)
+        res = {p: evaluate(model, ",".join(tasks), Path(shared_data), tokenizer=tok, limit=limit, precision=p, batch_size=32)
                for p in ("fp32", "bf16")}
-        for task in ("arc_easy", "piqa"):
+        for task in tasks:
             assert res["bf16"][task]["acc"] == res["fp32"][task]["acc"], (kind, task, res)
