@@ -395,12 +395,12 @@ def main(argv: list[str] | None = None) -> None:
         a.sequential = a.device == "cuda"
     if a.device == "cpu":
         torch.set_num_threads(a.threads)
+        from ettin.model.cpu import tune_cpu_allocator
+
+        tune_cpu_allocator()  # what the trainer does on a CPU (process-wide), so the records say so
     if a.profile:
         if a.device != "cpu":
             p.error("--profile profiles the CPU step")
-        from ettin.model.cpu import tune_cpu_allocator
-
-        tune_cpu_allocator()  # as the trainer
         recs = profile(a)
         if a.json:
             for r in recs:
