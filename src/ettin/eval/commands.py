@@ -123,11 +123,12 @@ def register(app) -> None:
         max_length: int = typer.Option(None, "--max-length", help="Longest scored sequence (contexts are cut from the left)."),
         no_finetune: bool = typer.Option(False, "--no-finetune", help="Zero-shot retrieval; GLUE is skipped."),
         no_log: bool = typer.Option(False, "--no-log", help="Do not append to RUN/eval.jsonl."),
+        samples_out: Path = typer.Option(None, "--samples", help="Write one JSON line per example and task here (model, step, task, id, label, prediction, scores, metrics)."),
     ):
         """Evaluate checkpoints on zero-shot and fine-tuned tasks (both sides, same tasks)."""
         from rich.console import Console
 
-        from ettin.eval.api import make_options, prepare, record, run_prepared
+        from ettin.eval.api import make_options, prepare, record, run_prepared, tag_samples
         from ettin.eval.loading import load_for_eval
         from ettin.eval.tasks import data_dir_or_default
         from ettin.fsutil import atomic_write_text
@@ -142,9 +143,13 @@ def register(app) -> None:
         models = load_for_eval(model, opts.device)
         prepared = prepare(tasks, data_dir, split, opts)
         records = []
+        sample_lines: list[str] = []
         for em in models:
             times: dict[str, float] = {}
-            results = run_prepared(em, prepared, opts, on_task=lambda t, r, s: times.__setitem__(t, s))
+            got: list | None = [] if samples_out is not None else None
+            results = run_prepared(em, prepared, opts, on_task=lambda t, r, s: times.__setitem__(t, s), samples=got)
+            if got is not None:
+                sample_lines.extend(json.dumps(_clean(r), ensure_ascii=False) + "\n" for r in tag_samples(em, got))
             print_table(em, results, times, console)
             if em.run_dir is not None and not no_log:
                 append_eval_log(em, results, split)
@@ -159,6 +164,9 @@ def register(app) -> None:
             else:
                 atomic_write_text(json_out, text)
                 console.print(f"wrote {json_out}")
+        if samples_out is not None:
+            atomic_write_text(samples_out, "".join(sample_lines))
+            console.print(f"wrote {samples_out} ({len(sample_lines):,} examples)")
 
     @app.command("embed")
     def embed_cmd(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ettin.errors import EttinError
 from ettin.eval import scoring
-from ettin.eval.data import load_records, require_split
+from ettin.eval.data import example_id, load_records, require_split
 from ettin.eval.metrics import exact_match
 
 KNOWN = ("triviaqa",)
@@ -34,12 +34,13 @@ def load(spec, task_dir: Path, split: str, opts) -> list[dict]:
         if not answers or not all(isinstance(a, str) for a in answers):
             raise EttinError(f"{d['_where']}: QA lines need 'aliases' (a list of strings) and/or 'answer'")
         d["_answers"] = answers
+        d["_id"] = example_id(d, len(files))
     if opts.limit:
         docs = docs[: opts.limit]
     return docs
 
 
-def run(em, spec, docs: list[dict], opts) -> dict:
+def run(em, spec, docs: list[dict], opts, samples: list | None = None) -> dict:
     if em.is_encoder:
         return {"note": "not applicable: encoders do not generate text (decoder-only task)", "n": 0}
     cfg = em.config
@@ -49,6 +50,10 @@ def run(em, spec, docs: list[dict], opts) -> dict:
         prompts = [[cfg.cls_id] + p for p in prompts]
     outs = scoring.greedy_generate(em.model, tok, prompts, pad_id=cfg.pad_id, eos_id=cfg.sep_id, batch_size=opts.batch_size,
                                    max_new_tokens=opts.max_new_tokens, stop=STOP, max_length=opts.max_length)
-    em_sum = sum(exact_match(o.lstrip(), d["_answers"]) for o, d in zip(outs, docs))
+    hits = [exact_match(o.lstrip(), d["_answers"]) for o, d in zip(outs, docs)]
+    if samples is not None:
+        for o, d, h in zip(outs, docs, hits):
+            samples.append({"id": d["_id"], "label": d["_answers"], "prediction": o.lstrip(), "metrics": {"exact_match": h}})
+    em_sum = sum(hits)
     n = len(docs)
     return {"exact_match": em_sum / n if n else float("nan"), "n": n}

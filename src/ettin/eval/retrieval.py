@@ -220,7 +220,7 @@ def rank(q_emb: torch.Tensor, d_emb: torch.Tensor, qids: list[str], dids: list[s
     return out
 
 
-def run(em, spec, data: RetrievalData, opts) -> dict:
+def run(em, spec, data: RetrievalData, opts, samples: list | None = None) -> dict:
     model = em.model
     tuned = False
     if opts.finetune and data.train_pairs:
@@ -235,9 +235,15 @@ def run(em, spec, data: RetrievalData, opts) -> dict:
     d_emb = ft.embed(model, _encode(em, [data.corpus[d] for d in dids], opts.doc_max_length), pad_id=em.config.pad_id,
                      pooling="mean", batch_size=opts.batch_size, normalize=True)
     ranked = rank(q_emb, d_emb, qids, dids, 100)
+    ndcg = [ndcg_at_k(ranked[q], data.qrels[q], 10) for q in qids]
+    recall = [recall_at_k(ranked[q], data.qrels[q], 100) for q in qids]
+    if samples is not None:
+        for q, a, b in zip(qids, ndcg, recall):
+            samples.append({"id": q, "label": {d: s for d, s in data.qrels[q].items() if s > 0}, "prediction": ranked[q][:10],
+                            "metrics": {"ndcg@10": a, "recall@100": b}})
     out = {
-        "ndcg@10": mean([ndcg_at_k(ranked[q], data.qrels[q], 10) for q in qids]),
-        "recall@100": mean([recall_at_k(ranked[q], data.qrels[q], 100) for q in qids]),
+        "ndcg@10": mean(ndcg),
+        "recall@100": mean(recall),
         "finetuned": int(tuned),
         "train_pairs": len(data.train_pairs) if tuned else 0,
         "n": len(qids),

@@ -150,9 +150,13 @@ def scores(em, items: list[Item], opts) -> list[list[float]]:
     return out
 
 
-def run(em, spec, data: WinoData, opts) -> dict:
+def run(em, spec, data: WinoData, opts, samples: list | None = None) -> dict:
     lls = scores(em, data.items, opts)
     picks = [max(range(3), key=lambda j: (ll[j], -j)) for ll in lls]
+    if samples is not None:
+        for it, ll, p in zip(data.items, lls, picks):
+            samples.append({"id": f"{it.occupation}.{it.participant}.{it.answer}", "label": None, "prediction": GENDERS[p],
+                            "scores": list(ll), "metrics": {g: float(p == j) for j, g in enumerate(GENDERS)}})
     probs = []
     for ll in lls:
         m = max(ll)
