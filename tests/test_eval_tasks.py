@@ -78,12 +78,14 @@ def test_lm_group_and_generic_text_task(dec, enc, data, tmp_path):
     try:
         r = evaluate(dec, "lm", data)
         assert list(r) == ["lambada_openai", "wikitext2", "heldout"]
-        assert set(r["lambada_openai"]) == {"acc", "perplexity", "n"} and r["lambada_openai"]["n"] == 2
+        assert set(r["lambada_openai"]) == {"acc", "perplexity", "n", "scoring"} and r["lambada_openai"]["n"] == 2
         assert r["wikitext2"]["n"] == 2  # the blank line is skipped
         assert "perplexity" in evaluate(dec, "lm/heldout", data)["heldout"]
         e = evaluate(enc, ["lambada_openai", "heldout"], data)
-        assert set(e["lambada_openai"]) == {"acc", "pseudo_perplexity", "n"}
+        assert set(e["lambada_openai"]) == {"acc", "perplexity", "n", "scoring"} and e["lambada_openai"]["scoring"] == "ltr"
         assert "pseudo_bits_per_byte" in e["heldout"]
+        e = evaluate(enc, ["lambada_openai"], data, encoder_scoring="pll")
+        assert set(e["lambada_openai"]) == {"acc", "pseudo_perplexity", "n", "scoring"}
     finally:
         import shutil
 

@@ -2,8 +2,10 @@
 
 - Lines with ``context`` + ``continuation`` (LAMBADA): last-word prediction. Decoders: ``acc``
   (every continuation token is the greedy choice, the harness's definition) and ``perplexity``
-  (exp of minus the mean log-likelihood of the word). Encoders: the word's tokens are masked
-  together and predicted jointly: ``acc`` and ``pseudo_perplexity``.
+  (exp of minus the mean log-likelihood of the word). Encoders, by default the Ettin authors'
+  left-to-right scoring (``"scoring": "ltr"``, see :mod:`ettin.eval.scoring`): ``acc`` and
+  ``perplexity`` of the same definitions; with ``encoder_scoring="pll"`` the word's tokens are
+  masked together and predicted jointly: ``acc`` and ``pseudo_perplexity``.
 - Lines with ``text`` (WikiText-2, any held-out text): decoders get exact ``perplexity`` (per
   token), ``word_perplexity``, ``byte_perplexity`` and ``bits_per_byte`` from a rolling window
   (disjoint windows as the harness's ``loglikelihood_rolling``, or sliding with
@@ -69,7 +71,12 @@ def _lastword(em, docs: list[dict], opts, samples: list | None = None) -> dict:
     cfg = em.config
     pairs = scoring.split_pairs(em.tokenizer, [(d["context"], " " + d["continuation"]) for d in docs])
     best: list = []  # argmax ids at the continuation's positions (the "prediction")
-    if em.is_encoder:
+    if em.is_encoder and opts.encoder_scoring == "ltr":
+        reqs = [([cfg.cls_id] + ctx, cont, [cfg.sep_id]) for ctx, cont in pairs]
+        res = scoring.masked_ltr_loglikelihood(em.model, reqs, pad_id=cfg.pad_id, mask_id=cfg.mask_id, batch_size=opts.batch_size,
+                                               max_length=opts.max_length, mntp=cfg.objective == "mntp", argmax_out=best)
+        ppl_name = "perplexity"
+    elif em.is_encoder:
         reqs = [([cfg.cls_id] + ctx, cont, [cfg.sep_id]) for ctx, cont in pairs]
         res = scoring.masked_loglikelihood(em.model, reqs, pad_id=cfg.pad_id, mask_id=cfg.mask_id, batch_size=opts.batch_size,
                                            max_length=opts.max_length, mntp=cfg.objective == "mntp", joint=True, argmax_out=best)
@@ -84,11 +91,12 @@ def _lastword(em, docs: list[dict], opts, samples: list | None = None) -> dict:
             samples.append({"id": d["_id"], "label": d["continuation"], "prediction": em.tokenizer.decode(b).strip(),
                             "metrics": {"acc": float(g), "nll": -ll}})
     n = len(docs)
+    how = (opts.encoder_scoring if em.is_encoder else "causal")
     if n == 0:
-        return {"acc": float("nan"), ppl_name: float("nan"), "n": 0}
+        return {"acc": float("nan"), ppl_name: float("nan"), "n": 0, "scoring": how}
     acc = sum(float(g) for _, g in res) / n
     ppl = _exp(-sum(ll for ll, _ in res) / n)
-    return {"acc": acc, ppl_name: ppl, "n": n}
+    return {"acc": acc, ppl_name: ppl, "n": n, "scoring": how}
 
 
 def _exp(x: float) -> float:

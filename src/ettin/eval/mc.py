@@ -7,8 +7,12 @@ the blank in the context, and the (shared) text after the blank is what is score
 divides each choice's log-likelihood by the character length of the choice string (for
 WinoGrande the harness's choice strings are the filled-in contexts).
 
-Decoders: log P(" " + choice | [CLS] + prompt). Encoders: pseudo-log-likelihood of the same
-continuation tokens in ``[CLS] prompt continuation [SEP]``, each masked in turn.
+Decoders: log P(" " + choice | [CLS] + prompt) (``"scoring": "causal"``). Encoders, by default
+as the Ettin authors score them (``"scoring": "ltr"``): the same continuation tokens left to
+right, token k read at the first of three [MASK]s in ``[CLS] prompt cont[:k] [MASK] [MASK]
+[MASK] [SEP]`` (MNTP-converted encoders: at the position before); ``encoder_scoring="pll"``
+(``--encoder-scoring pll``): the pseudo-log-likelihood of the continuation tokens in
+``[CLS] prompt continuation [SEP]``, each masked in turn.
 Any other directory under ``mc/`` is scored the same way with the raw context as the prompt.
 """
 
@@ -131,8 +135,9 @@ def choice_loglikelihoods(em, items: list[MCItem], opts) -> list[list[float]]:
     pairs = scoring.split_pairs(tok, flat)
     if em.is_encoder:
         reqs = [([cfg.cls_id] + ctx, cont, [cfg.sep_id]) for ctx, cont in pairs]
-        res = scoring.masked_loglikelihood(em.model, reqs, pad_id=cfg.pad_id, mask_id=cfg.mask_id, batch_size=opts.batch_size,
-                                           max_length=opts.max_length, mntp=cfg.objective == "mntp")
+        fn = scoring.masked_ltr_loglikelihood if opts.encoder_scoring == "ltr" else scoring.masked_loglikelihood
+        res = fn(em.model, reqs, pad_id=cfg.pad_id, mask_id=cfg.mask_id, batch_size=opts.batch_size,
+                 max_length=opts.max_length, mntp=cfg.objective == "mntp")
     else:
         bos = [cfg.cls_id] if opts.bos else []
         reqs = [((bos + ctx) or [cfg.cls_id], cont) for ctx, cont in pairs]
@@ -185,5 +190,12 @@ def score(items: list[MCItem], lls: list[list[float]], samples: list | None = No
     return {"acc": acc / n if n else float("nan"), "acc_norm": acc_norm / n if n else float("nan"), "n": n}
 
 
+def scoring_name(em, opts) -> str:
+    """What the JSON names the scoring: ``causal`` (decoders), ``ltr`` or ``pll`` (encoders)."""
+    return opts.encoder_scoring if em.is_encoder else "causal"
+
+
 def run(em, spec, items: list[MCItem], opts, samples: list | None = None) -> dict:
-    return score(items, choice_loglikelihoods(em, items, opts), samples)
+    out = score(items, choice_loglikelihoods(em, items, opts), samples)
+    out["scoring"] = scoring_name(em, opts)
+    return out

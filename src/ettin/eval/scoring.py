@@ -7,6 +7,10 @@
   masked in turn, every masked variant of every request batched together), or the joint
   prediction of a fully masked span. MNTP models predict the token at i from output i-1, so
   their scores read the shifted position.
+- :func:`masked_ltr_loglikelihood`: encoders on generative tasks as the Ettin authors score them
+  (the default): left to right, continuation token k read at the first of three [MASK]s (k
+  and two future positions) followed by [SEP], with the context and tokens < k visible and
+  nothing of the continuation after k; MNTP models read one position earlier.
 - :func:`greedy_generate`: decoders, batched greedy decoding with stop strings.
 
 All of them run the prediction head only where a score is read (sparse prediction), so the
@@ -302,6 +306,39 @@ def masked_rows(requests: list[tuple[list[int], list[int], list[int]]], *, shift
             for p, t in zip(pos, span):
                 rows.append(Row(ids, (p,), (p - shift,), (t,), i))
     return rows
+
+
+LTR_MASKS = 3  # the token itself plus two future positions
+
+
+def ltr_rows(requests: list[tuple[list[int], list[int], list[int]]], *, shift: int, max_length: int,
+             n_masks: int = LTR_MASKS) -> list[Row]:
+    """Rows for :func:`masked_ltr_loglikelihood`: for token k of ``span``, the sequence
+    ``left + span[:k] + [MASK] * n_masks + right``, read at the first mask (``- shift``)."""
+    rows: list[Row] = []
+    for i, (left, span, right) in enumerate(requests):
+        left, span, right = list(left), list(span), list(right)
+        for k, t in enumerate(span):
+            head = left + span[:k]
+            over = len(head) + n_masks + len(right) - max_length
+            if over > 0:  # cut the context from the left, keeping the first ([CLS]) token
+                head = head[:1] + head[1 + over:] if len(head) > over + 1 else head[:1]
+            p = len(head)
+            ids = head + [t] * n_masks + right  # the n_masks placeholders become [MASK] in run_rows
+            rows.append(Row(ids, tuple(range(p, p + n_masks)), (p - shift,), (t,), i))
+    return rows
+
+
+def masked_ltr_loglikelihood(model, requests: list[tuple[list[int], list[int], list[int]]], *, pad_id: int, mask_id: int,
+                             batch_size: int, max_length: int, mntp: bool = False, n_masks: int = LTR_MASKS,
+                             argmax_out: list | None = None) -> list[tuple[float, bool]]:
+    """Encoder: sum over the span's tokens of log P(token k | left, span[:k]) read at the first
+    of ``n_masks`` [MASK]s standing for k and the positions after it, followed by ``right``
+    (usually [SEP]); and whether every token is the argmax. ``mntp``: read at the position
+    before the first mask (MNTP predicts token i from output i-1). One row per span token,
+    every row of every request batched together."""
+    rows = ltr_rows(requests, shift=1 if mntp else 0, max_length=max_length, n_masks=n_masks)
+    return _run_gather(model, rows, len(requests), pad_id=pad_id, mask_id=mask_id, batch_size=batch_size, argmax_out=argmax_out)
 
 
 def masked_loglikelihood(model, requests: list[tuple[list[int], list[int], list[int]]], *, pad_id: int, mask_id: int,
