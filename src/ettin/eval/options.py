@@ -39,6 +39,7 @@ class EvalOptions:
     carve_out: float = 0.1  # share of train held out to pick the learning rate
     encoder_pooling: str = "mean"  # "mean" | "cls"
     decoder_pooling: str = "last"  # "last" | "mean"
+    pooling: str | None = None  # "mean" | "cls" | "last": overrides the per-side pooling (GLUE and retrieval)
     retrieval_lr: float = 1e-4
     retrieval_epochs: int = 1
     retrieval_batch_size: int = 32
@@ -68,6 +69,8 @@ class EvalOptions:
             raise EttinError(f"--encoder-scoring must be one of {', '.join(ENCODER_SCORINGS)}, got '{self.encoder_scoring}'")
         if self.encoder_pooling not in ("mean", "cls"):
             raise EttinError(f"encoder pooling must be 'mean' or 'cls', got '{self.encoder_pooling}'")
+        if self.pooling is not None and self.pooling not in ("mean", "cls", "last"):
+            raise EttinError(f"--pooling must be 'mean', 'cls' or 'last', got '{self.pooling}'")
         if self.decoder_pooling not in ("last", "mean"):
             raise EttinError(f"decoder pooling must be 'last' or 'mean', got '{self.decoder_pooling}'")
         if not self.seeds:
