@@ -95,3 +95,94 @@ def test_pooling_option_is_checked(enc, data):
 
     with pytest.raises(EttinError, match="--pooling"):
         evaluate(enc, "cosqa", data, pooling="max")
+
+
+# -- winogender --------------------------------------------------------------------------------
+def test_gotcha_subset_from_the_bls_statistics(shared_data):
+    from ettin.eval import winogender
+
+    d = prepare("winogender", shared_data, "validation", EvalOptions())[0][1]
+    stats = d.stats
+    assert d.protocol == "gotcha" and len(d.items) == 120  # 60 occupations x (participant, someone), pronoun -> occupation
+    assert all(it.answer == "0" for it in d.items)
+    for it in d.items:
+        assert it.gotcha == ("female" if stats[it.occupation]["bls"] < 50 else "male")
+    assert {it.gotcha for it in d.items} == {"male", "female"}
+    assert [winogender.gotcha_gender(x) for x in (49.9, 50.0, 50.1)] == ["female", None, "male"]
+    every = prepare("winogender", shared_data, "validation", EvalOptions(winogender="all"))[0][1]
+    assert len(every.items) == 240 and every.protocol == "all"
+
+
+class FixedLogits(torch.nn.Module):
+    """The same logits at every position (scores known by construction)."""
+
+    def __init__(self, config, logits):
+        super().__init__()
+        self.config = config
+        self.w = torch.nn.Parameter(logits.clone())
+
+    def forward(self, x, *, attention_mask=None, predict_mask=None, doc_ids=None, position_ids=None):
+        out = self.w.expand(x.shape[0], x.shape[1], -1)
+        return out[predict_mask] if predict_mask is not None else out
+
+
+def test_gotcha_encoder_mass_known_by_construction(tok_dir, data):
+    cfg = tiny_model("encoder", tok_dir).config
+    em0 = EvalModel.from_model(tiny_model("encoder", tok_dir), tok_dir)
+    he = em0.tokenizer.encode("told someone that he")[len(em0.tokenizer.encode("told someone that")):]
+    w = torch.full((cfg.vocab_size,), -30.0)
+    w[he] = 0.0  # every masked position predicts the tokens of " he"
+    em = EvalModel.from_model(FixedLogits(cfg, w), tok_dir)
+    samples: list = []
+    r = evaluate(em, "winogender", data, samples=samples)["winogender"]
+    # the fixture: only the nurse template refers to the occupation; nurses are 90% female -> gotcha = male
+    assert r["n"] == 2 and r["protocol"] == "gotcha"
+    assert (r["male"], r["female"], r["neutral"], r["gotcha_preferred"]) == (1.0, 0.0, 0.0, 1.0)
+    assert r["mass_male"] > 0.99
+    assert [s["label"] for s in samples] == ["male", "male"] and all(s["prediction"] == "male" for s in samples)
+
+
+def test_gotcha_encoder_mass_by_hand(enc, data):
+    """One item by hand: [CLS] prefix [MASK]... suffix [SEP], P of each form (+ capitalised)."""
+    cfg = enc.config
+    tok = enc.tokenizer
+    samples: list = []
+    r = evaluate(enc, "winogender", data, samples=samples)["winogender"]
+    assert abs(r["male"] + r["female"] + r["neutral"] - 1) < 1e-12
+    d = prepare("winogender", data, "validation", EvalOptions())[0][1]
+    it = d.items[0]
+    sent = it.sentences["male"]
+    pre, post = sent.split(" he ", 1)
+    post = " " + post
+    mass = []
+    for forms in (("he", "He"), ("she", "She"), ("they", "They")):
+        total = 0.0
+        for f in forms:
+            ctx = tok.encode(pre)
+            ftoks = tok.encode(pre + " " + f)[len(ctx):]
+            right = tok.encode(pre + " he" + post)[len(tok.encode(pre + " he")):]
+            ids = [cfg.cls_id] + ctx + [cfg.mask_id] * len(ftoks) + right + [cfg.sep_id]
+            with torch.no_grad():
+                lp = F.log_softmax(enc.model(torch.tensor([ids]))[0].double(), -1)
+            p0 = 1 + len(ctx)
+            total += float(torch.exp(sum(lp[p0 + i, t] for i, t in enumerate(ftoks))))
+        mass.append(total)
+    got = samples[0]["metrics"]
+    for j, g in enumerate(("male", "female", "neutral")):
+        assert abs(got[f"mass_{g}"] - mass[j] / sum(mass)) < 1e-5
+
+
+def test_gotcha_decoder_lowest_per_token_perplexity(dec, data):
+    cfg = dec.config
+    samples: list = []
+    evaluate(dec, "winogender", data, samples=samples)
+    d = prepare("winogender", data, "validation", EvalOptions())[0][1]
+    for s, it in zip(samples, d.items):
+        per_tok = []
+        for g in ("male", "female", "neutral"):
+            ids = [cfg.cls_id] + dec.tokenizer.encode(it.sentences[g])
+            with torch.no_grad():
+                lp = F.log_softmax(dec.model(torch.tensor([ids]))[0].double(), -1)
+            per_tok.append(sum(lp[i, ids[i + 1]].item() for i in range(len(ids) - 1)) / (len(ids) - 1))
+        assert max(abs(a - b) for a, b in zip(s["scores"], per_tok)) < 1e-5
+        assert s["prediction"] == ("male", "female", "neutral")[max(range(3), key=lambda j: per_tok[j])]

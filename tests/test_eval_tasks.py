@@ -195,13 +195,13 @@ def test_winogender_diff():
 
 def test_winogender_shares(enc, dec, data):
     for em in (enc, dec):
-        r = evaluate(em, "winogender", data)["winogender"]
-        assert r["n"] == 4
+        r = evaluate(em, "winogender", data, winogender="all")["winogender"]
+        assert r["n"] == 4 and r["protocol"] == "all"
         for group in ("", "referent_occupation/", "participant_someone/", "case_nom/", "occupation_female_majority/"):
             assert sum(r[f"{group}{g}"] for g in ("male", "female", "neutral")) == pytest.approx(1.0)
         assert "r_bls_female" in r
     # decoder: scores are full-sentence log-likelihoods up to the shared prefix
-    d = prepare("winogender", data, "validation", EvalOptions())[0][1]
+    d = prepare("winogender", data, "validation", EvalOptions(winogender="all"))[0][1]
     scores = winogender.scores(dec, d.items[:1], EvalOptions())[0]
     cfg = dec.config
     full = []

@@ -122,6 +122,7 @@ def register(app) -> None:
         decoder_pooling: str = typer.Option(None, "--decoder-pooling", help="GLUE pooling for decoders: last or mean."),
         pooling: str = typer.Option(None, "--pooling", help="Pooling for retrieval and GLUE on both sides: mean, cls or last (default: mean for encoders, last token for decoders)."),
         encoder_scoring: str = typer.Option(None, "--encoder-scoring", help="Encoders on multiple choice and LAMBADA: ltr (default: the Ettin authors' left-to-right scoring, token k at the first of three [MASK]s) or pll (pseudo-log-likelihood)."),
+        winogender: str = typer.Option(None, "--winogender", help="Winogender protocol: gotcha (default: the authors' probe on the gotcha sentences) or all (every sentence, with breakdowns)."),
         max_length: int = typer.Option(None, "--max-length", help="Longest scored sequence (contexts are cut from the left)."),
         no_finetune: bool = typer.Option(False, "--no-finetune", help="Zero-shot retrieval; GLUE is skipped."),
         no_log: bool = typer.Option(False, "--no-log", help="Do not append to RUN/eval.jsonl."),
@@ -138,7 +139,7 @@ def register(app) -> None:
         opts = make_options(
             batch_size=batch_size, device=device, limit=limit, seeds=_parse_list(seeds, int, "--seeds"),
             lrs=_parse_list(lrs, float, "--lrs"), epochs=epochs, encoder_pooling=encoder_pooling,
-            decoder_pooling=decoder_pooling, pooling=pooling, encoder_scoring=encoder_scoring, max_length=max_length, finetune=not no_finetune,
+            decoder_pooling=decoder_pooling, pooling=pooling, encoder_scoring=encoder_scoring, winogender=winogender, max_length=max_length, finetune=not no_finetune,
         )
         console = Console(stderr=json_out is not None and str(json_out) == "-")
         data_dir = data_dir_or_default(data)

@@ -23,6 +23,7 @@ class EvalOptions:
     # (left to right, token k at the first of three [MASK]s + [SEP]); "pll" = pseudo-log-likelihood
     # (each continuation token masked in turn, everything else visible; LAMBADA: the word masked jointly)
     encoder_scoring: str = "ltr"
+    winogender: str = "gotcha"  # "gotcha" (the authors' probe) | "all" (every sentence, with breakdowns)
     # perplexity
     lm_window: int = 1024  # decoder rolling window (tokens scored per window <= this)
     lm_stride: int | None = None  # None: disjoint windows (lm-evaluation-harness rolling); smaller: sliding
@@ -67,6 +68,8 @@ class EvalOptions:
             raise EttinError(f"lm_stride must lie in 1..lm_window ({self.lm_window}), got {self.lm_stride}")
         if self.encoder_scoring not in ENCODER_SCORINGS:
             raise EttinError(f"--encoder-scoring must be one of {', '.join(ENCODER_SCORINGS)}, got '{self.encoder_scoring}'")
+        if self.winogender not in ("gotcha", "all"):
+            raise EttinError(f"--winogender must be 'gotcha' or 'all', got '{self.winogender}'")
         if self.encoder_pooling not in ("mean", "cls"):
             raise EttinError(f"encoder pooling must be 'mean' or 'cls', got '{self.encoder_pooling}'")
         if self.pooling is not None and self.pooling not in ("mean", "cls", "last"):
