@@ -77,7 +77,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu"):
         model = Transformer(config, init=False)
     model = model.to_empty(device=device)
     _load_strict(model, state, path)
-    return model
+    return model.eval()  # inference mode (no dropout); the trainer switches to train() itself
 
 
 def check_state_dict(state, want: dict, source, *, allow_missing: tuple[str, ...] = ()) -> None:
