@@ -222,3 +222,25 @@ def test_batched_pseudo_perplexity_equals_one_copy_per_forward(enc):
     assert one["tokens"] == many["tokens"] > 60
     for k in ("pseudo_perplexity", "pseudo_bits_per_byte"):
         assert abs(one[k] - many[k]) <= 1e-5 * abs(one[k])
+
+
+@pytest.mark.parametrize("kind,size", [("encoder", "tiny"), ("decoder", "tiny"), ("encoder", "micro")])
+def test_read_forward_equals_the_full_forward(tok_dir, kind, size):
+    from ettin.eval import scoring
+
+    model = tiny_model(kind, tok_dir, size=size, seed=5).eval()
+    cfg = model.config
+    assert not model.blocks[-1].is_global or size == "micro" or cfg.layers % 3 == 1
+    g = torch.Generator().manual_seed(0)
+    lens = [150, 97, 150, 12]  # > the local window: the last block's window matters; padded rows
+    x = torch.full((4, 150), cfg.pad_id)
+    pm = torch.zeros(4, 150, dtype=torch.bool)
+    for b, n in enumerate(lens):
+        x[b, :n] = torch.randint(4, cfg.vocab_size, (n,), generator=g)
+        pm[b, torch.randint(0, n, (3,), generator=g)] = True
+    am = torch.arange(150)[None] < torch.tensor(lens)[:, None]
+    with torch.inference_mode():
+        ref = model(x, attention_mask=am, predict_mask=pm)
+        got = scoring.read_forward(model, x, am, pm)
+    assert got.shape == ref.shape and (got - ref).abs().max().item() < 1e-4
+    assert (F.log_softmax(got.double(), -1) - F.log_softmax(ref.double(), -1)).abs().max().item() < 1e-5
