@@ -551,6 +551,8 @@ def chunk_texts(chunk: Chunk, text_field: str) -> tuple[list[str], list[int]]:
                 msg = getattr(e, "msg", str(e))
                 col = getattr(e, "colno", None)
                 raise EttinError(f"{chunk.where(i)}: invalid JSON ({msg}{f' at column {col}' if col else ''})") from None
+            except RecursionError:
+                raise EttinError(f"{chunk.where(i)}: invalid JSON (nested too deeply)") from None
             if not isinstance(obj, dict):
                 raise EttinError(f"{chunk.where(i)}: expected a JSON object, got {type(obj).__name__}")
             try:

@@ -358,11 +358,6 @@ def train_tokenizer(
 
 def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Copy a tokenizer directory's small files (json/txt/model) into ``dst``."""
-    import shutil
+    from ettin.safety import copy_small_files
 
-    s = resolve_dir(src)
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in sorted(s.iterdir()):
-        if f.is_file() and f.suffix in (".json", ".txt", ".model"):
-            shutil.copy2(f, dst / f.name)
+    copy_small_files(resolve_dir(src), Path(dst))  # a symlink out of the tokenizer directory is refused
