@@ -241,12 +241,17 @@ def prepare(
     specs = expand_inputs(inputs)
     tdir = resolve_dir(tokenizer)
     info = tokenizer_info(tdir)
+    from ettin.safety import check_parent, is_run_dir
+
     out = Path(out)
+    check_parent(out)
     if out.exists():
         if not out.is_dir():
             raise EttinError(f"{out}: exists and is not a directory")
         if any(out.iterdir()) and not overwrite:
             raise EttinError(f"{out}: already exists (pass --overwrite to replace it)")
+        if is_run_dir(out):
+            raise EttinError(f"{out}: is a training run; refusing to replace it even with --overwrite")
     for s in specs:
         try:
             s.path.resolve().relative_to(out.resolve())

@@ -597,10 +597,13 @@ def _train(
     bar = _Progress(enabled=progress and d.is_main, total=stop_at, start=start)
 
     pin = d.device.type == "cuda"
+    vocab = min(ln.model.config.vocab_size for ln in learners)
 
     def fetch(si: int, row: int, n: int):
         """Rows of the global batch, read from the memmaps (and pinned for a fast copy to the GPU)."""
         ids, docs = mix_for(si).rows(row, n)
+        if ids.size and int(ids.max()) >= vocab:  # cheap; the full check is 'ettin data verify'
+            raise EttinError(f"data of stage '{first[si].name}': token id {int(ids.max())} is outside the model's vocabulary of {vocab} (corrupt shard? run 'ettin data verify')")
         ids = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
         docs = torch.from_numpy(np.ascontiguousarray(docs).astype(np.int64))
         return (ids.pin_memory(), docs.pin_memory()) if pin else (ids, docs)
