@@ -157,10 +157,29 @@ def main() -> None:
     debug = os.environ.get("ETTIN_DEBUG") not in (None, "", "0")
     code: int | str | None = 0
     msg = None
+    try:  # typer >= 0.2x vendors click
+        from typer import _click as click
+    except ImportError:  # pragma: no cover
+        import click
+
+    no_args_help = getattr(click.exceptions, "NoArgsIsHelpError", ())
     try:
-        app()
+        rv = app(standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0
     except SystemExit as e:
         code = e.code
+    except no_args_help:
+        try:
+            app()  # a bare group: its help, exactly as click prints it
+        except SystemExit as e:
+            code = e.code
+    except click.exceptions.UsageError as e:  # a wrong flag or value: one line, not a usage panel
+        path = e.ctx.command_path if e.ctx is not None else "ettin"
+        msg, code = f"{path}: {_one_line(e.format_message())} (see '{path} --help')", e.exit_code
+    except click.exceptions.Abort:
+        msg, code = "aborted", 1
+    except click.exceptions.ClickException as e:
+        msg, code = _one_line(e.format_message()), e.exit_code
     except EttinError as e:
         msg, code = _one_line(e), 1
     except KeyboardInterrupt:
