@@ -163,6 +163,7 @@ def main() -> None:
         import click
 
     no_args_help = getattr(click.exceptions, "NoArgsIsHelpError", ())
+    abort = getattr(click.exceptions, "Abort", None) or getattr(importlib.import_module("typer.exceptions"), "Abort", ())
     try:
         rv = app(standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
@@ -176,7 +177,7 @@ def main() -> None:
     except click.exceptions.UsageError as e:  # a wrong flag or value: one line, not a usage panel
         path = e.ctx.command_path if e.ctx is not None else "ettin"
         msg, code = f"{path}: {_one_line(e.format_message())} (see '{path} --help')", e.exit_code
-    except click.exceptions.Abort:
+    except abort:
         msg, code = "aborted", 1
     except click.exceptions.ClickException as e:
         msg, code = _one_line(e.format_message()), e.exit_code
@@ -193,7 +194,11 @@ def main() -> None:
     except Exception as e:  # a bug: one line by default, the traceback with ETTIN_DEBUG=1
         if debug:
             raise
-        msg, code = f"internal error: {type(e).__name__}: {_one_line(e)} (set ETTIN_DEBUG=1 for the traceback, and please report it)", 1
+        if type(e).__name__ == "SafetensorError":  # safetensors' own I/O errors (Rust side)
+            text = _one_line(e)
+            msg, code = ("no space left on the device (disk full)" if "os error 28" in text else f"safetensors: {text}"), 1
+        else:
+            msg, code = f"internal error: {type(e).__name__}: {_one_line(e)} (set ETTIN_DEBUG=1 for the traceback, and please report it)", 1
     err = _flush_stdout()
     if msg is None and err is not None:
         msg, code = err, 1

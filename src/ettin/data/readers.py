@@ -548,7 +548,7 @@ def chunk_texts(chunk: Chunk, text_field: str) -> tuple[list[str], list[int]]:
             try:
                 obj = loads(s)
             except ValueError as e:
-                msg = getattr(e, "msg", str(e))
+                msg = getattr(e, "msg", str(e)).removesuffix(" at")
                 col = getattr(e, "colno", None)
                 raise EttinError(f"{chunk.where(i)}: invalid JSON ({msg}{f' at column {col}' if col else ''})") from None
             except RecursionError:

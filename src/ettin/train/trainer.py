@@ -303,6 +303,8 @@ class Learner:
 
         for step, p in self.run.list_checkpoints():
             if step < keep_step:
+                if self.tokenizer_dir is not None and Path(self.tokenizer_dir).parent == p:
+                    self.tokenizer_dir = self.run.checkpoint_at(keep_step) / ckpt.TOKENIZER_DIR  # the same files
                 shutil.rmtree(p, ignore_errors=True)
 
     def load_optimizer(self, path: Path) -> dict:
@@ -493,11 +495,22 @@ def train(recipe: str | Path, out: str | Path, **kw) -> dict:
                 remove_stale_tmp(sub)  # leftovers of a killed run (we hold the lock: no other writer)
             return _train(recipe, out, **kw)
     except BaseException:
-        if created and main and out.is_dir() and all(p.name == LOCK_FILE or (p.is_dir() and not any(p.iterdir())) for p in out.iterdir()):
+        if created and main and out.is_dir() and _nothing_written(out, LOCK_FILE):
             import shutil
 
             shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+def _nothing_written(out: Path, lock_file: str) -> bool:
+    """A run directory this call created holds nothing of value: no checkpoint, no metric line."""
+    for p in out.rglob("*"):
+        if p.is_dir() or p.name in (lock_file, "recipe.yaml"):
+            continue
+        if p.name == "metrics.jsonl" and p.stat().st_size == 0:
+            continue
+        return False
+    return True
 
 
 def _train(
