@@ -204,6 +204,21 @@ def ckpt_with(w: World, name: str, **changes) -> Path:
     return d
 
 
+def tok_with(w: World, name: str, tokenizer_json: str | None = None, **meta) -> Path:
+    """A copy of the tokenizer directory with tokenizer.json replaced or ettin.json fields changed."""
+    d = w.p(name)
+    if not d.exists():
+        shutil.copytree(w.tok, d)
+        if tokenizer_json is not None:
+            (d / "tokenizer.json").write_text(tokenizer_json)
+        if meta:
+            f = d / "ettin_tokenizer.json"
+            doc = json.loads(f.read_text())
+            doc.update(meta)
+            f.write_text(json.dumps(doc))
+    return d
+
+
 def stages_recipe(w: World) -> Path:
     p = w.p("stages-str.yaml")
     p.write_text(yaml.safe_dump({"stages": "abc"}))
@@ -295,6 +310,12 @@ CASES = [
     Case("tok-foreign-out", lambda w: ["tokenizer", "train", w.texts, "--vocab-size", "300", "--out", w.precious], "--force", keep=lambda w: w.notes),
     Case("tok-input-missing", lambda w: ["tokenizer", "train", w.p("nope.jsonl"), "--vocab-size", "300", "--out", w.p("t4")], "nope.jsonl", out=_o("t4")),
     Case("tok-deep-json", lambda w: ["tokenizer", "train", deep_json(w), "--vocab-size", "300", "--out", w.p("t5")], "nested too deeply", out=_o("t5")),
+    Case("tok-surrogate", lambda w: ["tokenizer", "train", surrogate_json(w), "--vocab-size", "300", "--out", w.p("t6"), "-q"], "not valid Unicode", out=_o("t6")),
+    Case("tok-info-bad-json", lambda w: ["tokenizer", "info", tok_with(w, "tok-badjson", tokenizer_json="{not json")], "tokenizer.json"),
+    Case("tok-info-not-tokenizer", lambda w: ["tokenizer", "info", tok_with(w, "tok-empty", tokenizer_json="{}")], "tokenizer.json"),
+    Case("tok-info-bad-meta", lambda w: ["tokenizer", "info", tok_with(w, "tok-badmeta", vocab_size="lots")], "vocab_size"),
+    Case("init-tok-bad-meta", lambda w: ["init", "--size", "micro", "--kind", "encoder", "--tokenizer", tok_with(w, "tok-badmeta2", mask_id=10**9), "--out", w.p("i8")], "mask_id", out=_o("i8")),
+    Case("init-unwritable", lambda w: ["init", "--size", "micro", "--kind", "encoder", "--out", "/proc/ettin-fault-test"], "cannot write here"),
     Case("tok-info-missing", lambda w: ["tokenizer", "info", w.p("nope")], "not found"),
     Case("tok-info-garbage", lambda w: ["tokenizer", "info", w.precious], "tokenizer.json"),
     # data
@@ -359,11 +380,13 @@ CASES = [
     Case("eval-task", lambda w: ["eval", w.ckpt, "--tasks", "nosuchtask", "--data", w.evaldata, "--no-log"], "nosuchtask"),
     Case("embed-nan", lambda w: ["embed", w.nan_ckpt, "--input", w.texts, "--out", w.p("x1.npy")], "NaN or Inf", out=_o("x1.npy")),
     Case("embed-input-missing", lambda w: ["embed", w.ckpt, "--input", w.p("nope.jsonl"), "--out", w.p("x2.npy")], "nope.jsonl", out=_o("x2.npy")),
+    Case("embed-out-is-dir", lambda w: ["embed", w.ckpt, "--input", w.texts, "--out", w.precious], "precious", keep=lambda w: w.notes),
     Case("embed-out-under-file", lambda w: ["embed", w.ckpt, "--input", w.texts, "--out", w.a_file / "x.npy"], "a_file", keep=lambda w: w.a_file),
     # report
     Case("report-foreign-html", lambda w: ["report", w.run, "--out", foreign_html(w)], "--force", keep=lambda w: w.p("foreign.html")),
     Case("report-foreign-files", lambda w: ["report", w.run, "--out", report_files_foreign(w)], "--force", out=_o("rep.html"), keep=lambda w: w.p("rep_files") / "mine.txt"),
     Case("report-out-dir", lambda w: ["report", w.run, "--out", w.precious], "is a directory", keep=lambda w: w.notes),
+    Case("report-md-is-dir", lambda w: ["report", w.run, "--out", (w.p("mdd.md").mkdir(exist_ok=True), w.p("mdd.html"))[1]], "is a directory", out=_o("mdd.html")),
     Case("report-missing-run", lambda w: ["report", w.p("nope"), "--out", w.p("rep2.html")], "nope", out=_o("rep2.html")),
 ]
 

@@ -35,6 +35,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _cannot_write(target: Path, e: OSError) -> Exception:
+    from ettin.errors import EttinError
+
+    return EttinError(f"{target}: cannot write here ({e.strerror or e})")
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -100,7 +106,10 @@ def atomic_dir(target: str | os.PathLike, *, overwrite: bool = True):
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(target.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    except OSError as e:
+        raise _cannot_write(target, e) from None
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a finished directory gets the usual mode
     try:
         yield tmp
@@ -124,7 +133,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+    except OSError as e:
+        raise _cannot_write(path, e) from None
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
         with os.fdopen(fd, "wb") as fh:
