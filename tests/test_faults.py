@@ -489,8 +489,8 @@ def test_pair_kill_between_saves_resumes_with_keep_last(world):
     enc = [s for s, _ in RunDir(run / "encoder").list_checkpoints()]
     dec = [s for s, _ in RunDir(run / "decoder").list_checkpoints()]
     assert enc == [1, 2] and dec == [1]  # the encoder kept step 1 until the decoder has step 2
-    r = _cli_proc("pair", recipe, "--out", run, "--no-progress")
-    assert r.returncode == 0, r.stderr
+    res = train(recipe, run, pair=True, progress=False)  # the resume (in-process: faster)
+    assert res["resumed_from"] == 1 and res["finished"]
     for side in ("encoder", "decoder"):
         assert [s for s, _ in RunDir(run / side).list_checkpoints()] == [3]
         a, b = _final_weights(run / side), _final_weights(ref / side)
@@ -499,7 +499,8 @@ def test_pair_kill_between_saves_resumes_with_keep_last(world):
 
 
 def test_kill_at_random_points_then_resume(world):
-    """SIGKILL at seeded random moments; every resume continues and the result equals an uninterrupted run."""
+    """SIGKILL at seeded random points (mid-step, inside a checkpoint write); each resume goes on
+    and the result equals an uninterrupted run bit for bit."""
     import random
 
     recipe = tiny_recipe(world.p("kill.yaml"), world.data, steps=6, every=1)
@@ -507,14 +508,11 @@ def test_kill_at_random_points_then_resume(world):
     train(recipe, ref, progress=False)
     run = world.p("kill-run")
     rng = random.Random(15)
-    for _ in range(2):
-        p = subprocess.Popen([sys.executable, "-m", "ettin", "train", str(recipe), "--out", str(run), "--no-progress"], env=ENV,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(1.5, 4.0))
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-    r = _cli_proc("train", recipe, "--out", run, "--no-progress")
-    assert r.returncode == 0, r.stderr
+    points = [("train-step", rng.randint(2, 3)), ("atomic-dir-before-rename", rng.randint(2, 4))]
+    for name, nth in points:
+        r = _cli_proc("train", recipe, "--out", run, "--no-progress", env={"ETTIN_FAULT": f"{name}@{nth}"})
+        assert r.returncode == -signal.SIGKILL, (name, nth, r.stderr)
+    assert train(recipe, run, progress=False)["finished"]  # the resume (in-process: faster)
     a, b = _final_weights(run), _final_weights(ref)
     assert all(torch.equal(a[k], b[k]) for k in b)
     assert leftovers(run) == []
@@ -550,8 +548,7 @@ def test_stale_tmp_of_a_killed_run_is_removed(world):
     (stale / "model.safetensors").write_bytes(b"half")
     live = ck / f".00000009.tmp-{os.getppid()}-live"  # a running process's: left alone
     live.mkdir()
-    r = _cli_proc("train", world.recipe, "--out", world.run, "--no-progress")
-    assert r.returncode == 0, r.stderr
+    train(world.recipe, world.run, progress=False)  # resumes (already finished): cleans up on the way
     assert not stale.exists() and live.exists()
     live.rmdir()
 

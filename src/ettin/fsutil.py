@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ettin import faults
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -114,6 +116,7 @@ def atomic_dir(target: str | os.PathLike, *, overwrite: bool = True):
     try:
         yield tmp
         fsync_tree(tmp)
+        faults.point("atomic-dir-before-rename")
         if target.exists():
             if not overwrite:
                 raise FileExistsError(target)

@@ -643,6 +643,7 @@ def _train(
                     f"step {step}: batch of {p.rows} sequences does not split over {d.world} processes; make train.global_batch, "
                     "train.batch_warmup_start and train.batch_multiple multiples of the world size"
                 )
+            faults.point("train-step")
             bh = batch_hash(ids)
             results = {}
             for ln in learners:
