@@ -453,13 +453,24 @@ def test_nan_guard_names_only_a_good_checkpoint(world):
     for s, p in RunDir(run).list_checkpoints():
         w = load_file(str(p / "model.safetensors"))
         assert all(torch.isfinite(t).all() for t in w.values()), f"non-finite checkpoint {p} was written"
+    assert [q.name for q in (run / "checkpoints").iterdir() if q.name.endswith(".nonfinite")] == (
+        [f"{step - 1:08d}.nonfinite"] if "loss is" in msg and step > 1 else [])
     if "last good checkpoint: " in msg:
         named = Path(msg.split("last good checkpoint: ")[1].split(")")[0])
         bad_from = step - 1 if "loss is" in msg else step
         assert int(named.name) < bad_from
     else:
         assert "there is no good checkpoint" in msg
-        assert all(s >= step - 1 for s, _ in RunDir(run).list_checkpoints())
+        assert RunDir(run).list_checkpoints() == []
+
+
+def test_nan_after_a_checkpoint_does_not_block_a_fixed_rerun(world):
+    bad = tiny_recipe(world.p("bad1.yaml"), world.data, steps=4, every=1, **{"optim.lr": 1e6})
+    run = world.p("poison1")
+    with pytest.raises(EttinError, match="there is no good checkpoint"):
+        train(bad, run, progress=False)
+    good = tiny_recipe(world.p("good1.yaml"), world.data, steps=2, every=1)
+    assert train(good, run, progress=False)["steps"] == 2
 
 
 def test_failed_start_does_not_poison_and_changed_recipe_names_field(world):
@@ -550,10 +561,10 @@ def test_kill_inside_atomic_replace_restores_the_old_version(tmp_path):
 def test_stale_tmp_of_a_killed_run_is_removed(world):
     pid = _dead_pid()
     ck = world.run / "checkpoints"
-    stale = ck / f".00000009.tmp-{pid}-abcd"
+    stale = ck / f".00000009.tmp-{pid}-abcd1234"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half")
-    live = ck / f".00000009.tmp-{os.getppid()}-live"  # a running process's: left alone
+    live = ck / f".00000009.tmp-{os.getppid()}-live1234"  # a running process's: left alone
     live.mkdir()
     train(world.recipe, world.run, progress=False)  # resumes (already finished): cleans up on the way
     assert not stale.exists() and live.exists()

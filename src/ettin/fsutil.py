@@ -53,7 +53,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-_TMP_RE = re.compile(r"^\..+\.(?:tmp|old)-(\d+)(?:-.*)?$")
+_TMP_RE = re.compile(r"^\..+\.(?:tmp-(\d+)-[a-z0-9_]{8}|old-(\d+))$")  # exactly what atomic_* name them
 
 
 def remove_stale_tmp(directory: str | os.PathLike) -> int:
@@ -71,7 +71,7 @@ def remove_stale_tmp(directory: str | os.PathLike) -> int:
         m = _TMP_RE.match(name)
         if not m:
             continue
-        pid = int(m.group(1))
+        pid = int(m.group(1) or m.group(2))
         if pid == os.getpid() or _alive(pid):
             continue
         p = os.path.join(directory, name)

@@ -129,6 +129,19 @@ def _all_finite(tensors) -> bool:
     return True
 
 
+def _set_aside_bad(learners, from_step: int, start: int) -> str:
+    """Rename checkpoints this process wrote at or after ``from_step`` (their weights led to a
+    non-finite loss) to ``NNNNNNNN.nonfinite``: kept for inspection, but no longer resumed from,
+    so a rerun (with a fixed recipe when none is left) starts from the last good one."""
+    moved = []
+    for ln in learners:
+        for step, p in ln.run.list_checkpoints():
+            if step >= from_step and step > start:
+                os.replace(p, p.with_name(p.name + ".nonfinite"))
+                moved.append(step)
+    return f"; checkpoint(s) of step {', '.join(map(str, sorted(set(moved))))} renamed *.nonfinite" if moved else ""
+
+
 def last_good_text(run: "RunDir", before: int) -> str:
     """'last good checkpoint: PATH' (the newest strictly before step ``before``) or 'no good checkpoint'."""
     good = [p for step, p in run.list_checkpoints() if step < before]
@@ -660,7 +673,8 @@ def _train(
                 if not math.isfinite(r["loss"]):
                     # the loss of step s comes from the weights after step s-1: a checkpoint there is not good
                     where = last_good_text(ln.run, step - 1)
-                    raise EttinError(f"step {step}: {ln.kind} loss is {r['loss']}; run stopped ({where}); try a lower optim.lr or optim.grad_clip")
+                    moved = _set_aside_bad(learners, step - 1, start) if d.is_main else ""
+                    raise EttinError(f"step {step}: {ln.kind} loss is {r['loss']}; run stopped ({where}{moved}); try a lower optim.lr or optim.grad_clip")
                 results[ln.kind] = r
             now = time.perf_counter()
             dt = now - t_prev
