@@ -101,13 +101,15 @@ class StudyConfig:
 
 
 def make_config(*, sizes=None, out, preset: str = "cpu", recipe_dir=None, tokens=None, data=None, tasks=None,
-                sets=(), eval_overrides=None, n_boot: int = 1000, seed: int = 0) -> StudyConfig:
+                sets=(), eval_overrides=None, n_boot: int = 1000, seed: int = 0, **fields) -> StudyConfig:
+    """The study's configuration: the preset's values, then the given ones (``fields``: any
+    other StudyConfig field, e.g. ``checkpoints=1`` or ``vocab_size=512`` for a test)."""
     if preset not in PRESETS:
         raise EttinError(f"unknown --preset '{preset}': choose {' or '.join(PRESETS)}")
     p = PRESETS[preset]
     ev = dict(p.eval)
     ev.update({k: v for k, v in (eval_overrides or {}).items() if v is not None})
-    return StudyConfig(
+    base = dict(
         sizes=tuple(sizes) if sizes else p.sizes, out=str(Path(out).absolute()), preset=preset,
         recipe_dir=str(Path(recipe_dir).absolute()) if recipe_dir else None,
         tokens=float(tokens) if tokens is not None else p.tokens,
@@ -115,6 +117,8 @@ def make_config(*, sizes=None, out, preset: str = "cpu", recipe_dir=None, tokens
         eval=ev, vocab_size=p.vocab_size, checkpoints=p.checkpoints, convert_checkpoints=p.convert_checkpoints,
         batch_tokens=p.batch_tokens, n_boot=n_boot, seed=seed,
     )
+    base.update(fields)
+    return StudyConfig(**base)
 
 
 # -- fingerprints ----------------------------------------------------------------------------------
