@@ -159,18 +159,21 @@ def _comparisons(plan: StudyPlan, recs: dict) -> list[dict]:
                        "a_value": ra["result"].get(m), "b_value": rb["result"].get(m)}
                 if d is not None:
                     row.update({"diff": d["diff"], "ci": d["ci"], "n": d["n"], "excludes_zero": d["excludes_zero"]})
-                    if not lower_is_better(m) and not task_family(plan, task) == "winogender":
-                        fam_diffs.setdefault(task_family(plan, task), []).append(d)
                 else:
                     va, vb = ra["result"].get(m), rb["result"].get(m)
                     row.update({"diff": (va - vb) if is_score(m, va) and is_score(m, vb) else None, "ci": None,
                                 "excludes_zero": None})
+                fam = task_family(plan, task)
+                if row["diff"] is not None and not lower_is_better(m) and fam != "winogender":
+                    fam_diffs.setdefault(fam, []).append(d if d is not None else {"diff": row["diff"]})
                 out.append(row)
             for fam, diffs in fam_diffs.items():
-                agg = mean_of_differences(diffs)
-                if agg:
-                    out.append({"size": size, "a": a, "b": b, "what": what, "family": fam, "task": None,
-                                "metric": "mean of main metrics", **agg})
+                agg = mean_of_differences(diffs) if all("replicates" in x for x in diffs) else None
+                if agg is None:  # no per-example samples: the point difference, without an interval
+                    agg = {"diff": sum(x["diff"] for x in diffs) / len(diffs), "ci": None, "tasks": len(diffs),
+                           "excludes_zero": None}
+                out.append({"size": size, "a": a, "b": b, "what": what, "family": fam, "task": None,
+                            "metric": "mean of main metrics", **agg})
     return out
 
 
@@ -274,8 +277,8 @@ def gap_figure(plan: StudyPlan, summary: dict) -> bytes:
         off = (i - (len(fams) - 1) / 2) * 0.06
         x = [p[0] + off for p in pts]
         y = [p[1]["diff"] for p in pts]
-        lo = [p[1]["diff"] - p[1]["ci"][0] for p in pts]
-        hi = [p[1]["ci"][1] - p[1]["diff"] for p in pts]
+        lo = [p[1]["diff"] - p[1]["ci"][0] if p[1].get("ci") else 0.0 for p in pts]
+        hi = [p[1]["ci"][1] - p[1]["diff"] if p[1].get("ci") else 0.0 for p in pts]
         ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=4, label=FAMILY_NAMES.get(fam, fam))
     ax.axhline(0, color="#888", lw=0.8)
     ax.set_xticks(xs)
@@ -296,7 +299,9 @@ def trajectory_figure(plan: StudyPlan, summary: dict, task: str) -> bytes:
     from matplotlib.figure import Figure
 
     sizes = list(plan.config.sizes)
-    fig = Figure(figsize=(4.2 * len(sizes), 3.4))
+    from matplotlib.ticker import EngFormatter
+
+    fig = Figure(figsize=(max(6.0, 4.2 * len(sizes)), 3.4))
     traj = summary["details"]["trajectories"]
     for i, size in enumerate(sizes):
         ax = fig.add_subplot(1, len(sizes), i + 1)
@@ -317,10 +322,11 @@ def trajectory_figure(plan: StudyPlan, summary: dict, task: str) -> bytes:
             if all(cis):
                 ax.fill_between(x, [c[0] for c in cis], [c[1] for c in cis], color=col, alpha=0.15, lw=0)
         ax.set_title(f"{task} ({size})", fontsize=10)
+        ax.xaxis.set_major_formatter(EngFormatter())
         ax.set_xlabel("tokens seen")
         if metric:
             ax.set_ylabel(metric)
-        if i == 0:
+        if i == 0 and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
     return _png(fig)
