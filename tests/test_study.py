@@ -316,3 +316,20 @@ def test_study_end_to_end_resume_and_rerun(tmp_path, study_data):
         if parts[1] == "eval":
             assert parts[2] not in ("encoder", "decoder") or int(parts[3]) in s3, name
     assert len(new) == 1 + 2 + 4 + 4 * (2 * len(s3) + 2)
+
+
+def test_progress_line_and_eta(tmp_path, study_data):
+    from ettin.study.run import estimate_seconds, report_progress, status
+
+    plan = build_plan(make_config(out=tmp_path / "s", data=study_data, **TINY))
+    train = [u for u in plan.units if u.kind == "train"]
+    log = [{"unit": train[0].name, "kind": "train", "seconds": 10.0, "cost": train[0].cost, "task": None},
+           {"unit": "x", "kind": "eval", "seconds": 2.0, "cost": 1.0, "task": "sst2"}]
+    todo = train[1:] + [u for u in plan.units if u.kind == "eval" and u.task == "sst2"]
+    want = sum(10.0 / train[0].cost * u.cost for u in train[1:]) + 2.0 * (len(todo) - len(train) + 1)
+    assert estimate_seconds(todo, log) == pytest.approx(want)
+    assert estimate_seconds(todo, []) is None
+    line = report_progress(plan, plan.units[0], log, echo=None)
+    assert line.startswith("[study] running data | 0/") and "ETA" in line
+    with pytest.raises(EttinError, match="not a study directory"):
+        status(tmp_path / "nothing")

@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
         no_progress: bool = typer.Option(False, "--no-progress", help="No per-unit progress bars."),
     ):
         """The paper's comparison: pairs at several sizes, conversions, every checkpoint evaluated, with intervals."""
-        from ettin.study.plan import build_plan, make_config
+        from ettin.study.plan import make_config
         from ettin.study.run import run_study
         from ettin.study.run import status as show_status
 
@@ -66,7 +66,6 @@ def register(app: typer.Typer) -> None:
             raise EttinError("--sizes is empty: name at least one size (see 'ettin sizes')")
         cfg = make_config(sizes=size_list, out=out, preset=preset, recipe_dir=recipe_dir, tokens=_parse_tokens(tokens),
                           data=data, tasks=tasks, sets=tuple(set_ or ()), eval_overrides=ev, n_boot=n_boot)
-        build_plan(cfg)  # every input checked before any work
         s = run_study(cfg, progress=not no_progress, echo=typer.echo)
         typer.echo(f"study: {Path(cfg.out) / 'study.json'}  report: {Path(cfg.out) / 'report.html'}  "
                    f"({s.get('seconds_this_call')} s this call)")
