@@ -195,6 +195,7 @@ def run_train(plan: StudyPlan, u: Unit, progress: bool) -> dict:
     res = train(recipe, u.path, pair=True, progress=progress)
     if not res["finished"]:
         raise EttinError(f"{u.path}: training stopped before the end of {stages[-1].name}")
+    _check_checkpoints(plan, u, ("encoder", "decoder"))
     return {"last": {k2: v.get("loss") for k2, v in (res.get("last") or {}).items()}}
 
 
@@ -211,7 +212,18 @@ def run_convert(plan: StudyPlan, u: Unit, progress: bool) -> dict:
     res = convert(source, objective, recipe, u.path, progress=progress)
     if not res["finished"]:
         raise EttinError(f"{u.path}: conversion stopped before its end")
+    _check_checkpoints(plan, u, (u.model,))
     return {"last": {k: v.get("loss") for k, v in (res.get("last") or {}).items()}}
+
+
+def _check_checkpoints(plan: StudyPlan, u: Unit, models: tuple[str, ...]) -> None:
+    """The checkpoints the plan predicted (and will evaluate) must be the ones written."""
+    for ln in plan.lines:
+        if ln.size != u.size or ln.name not in models:
+            continue
+        missing = [s for s, prod, _ in ln.checkpoints if prod == u.name and not checkpoint_path(plan, ln.name, prod, s).is_dir()]
+        if missing:
+            raise EttinError(f"{u.path}: expected checkpoints at steps {missing} (the study's plan) were not written")
 
 
 def checkpoint_path(plan: StudyPlan, model: str, producer: str, step: int) -> Path:
