@@ -371,10 +371,14 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, echo=print, stop_after
     ran = 0
     t_start = time.time()
 
+    cpu_mark = [time.process_time()]
+
     def logged(u: Unit, seconds: float, extra: dict | None = None) -> None:
         nonlocal ran
+        now = time.process_time()  # CPU seconds of this process (all threads) since the last unit
         rec = {"unit": u.name, "kind": u.kind, "fingerprint": u.fingerprint, "seconds": round(seconds, 3),
-               "cost": u.cost, "task": u.task, "time": time.time()}
+               "cpu_seconds": round(now - cpu_mark[0], 3), "cost": u.cost, "task": u.task, "time": time.time()}
+        cpu_mark[0] = now
         _append_log(out, rec)
         log.append(rec)
         ran += 1
@@ -392,9 +396,11 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, echo=print, stop_after
             if stop_after is not None:
                 group = group[: max(1, stop_after - ran)]
             report_progress(plan, u, log, echo)
+            cpu_mark[0] = time.process_time()
             run_eval_group(plan, group, opts, prepared, progress, lambda v, rec, s: logged(v, s))
             continue
         report_progress(plan, u, log, echo)
+        cpu_mark[0] = time.process_time()
         t0 = time.perf_counter()
         extra = RUNNERS[u.kind](plan, u, progress)
         seconds = time.perf_counter() - t0
@@ -422,6 +428,7 @@ def status(out: Path, echo=print) -> dict:
         if nxt:
             echo(f"[study] next: {nxt}")
         spent = sum(r["seconds"] for r in log)
-        echo(f"[study] time spent in finished units: {_hms(spent)}")
+        cpu = sum(r.get("cpu_seconds") or 0.0 for r in log)
+        echo(f"[study] time spent in finished units: {_hms(spent)} wall, {_hms(cpu)} CPU")
     return {"done": len(plan.units) - len(pending), "total": len(plan.units), "next": nxt,
             "eta_seconds": estimate_seconds(pending, log)}
