@@ -361,8 +361,11 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, echo=print, stop_after
     after that many units have run in this call (tests use it to simulate an interruption)."""
     from ettin.train.trainer import env_threads
 
+    from ettin.eval.loading import check_device
+
     plan = build_plan(cfg)  # bad input fails here, before any work
     opts, prepared = prepare_tasks(plan)
+    check_device(opts.device)  # e.g. the gpu preset on a machine without CUDA
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg)
