@@ -217,6 +217,14 @@ def test_bad_input_fails_before_work(tmp_path, study_data):
     with pytest.raises(EttinError, match="lacks stage2.yaml, stage3.yaml, cross-objective.yaml"):
         build_plan(make_config(out=tmp_path / "s", data=study_data, recipe_dir=rd, **TINY))
     assert not (tmp_path / "s").exists()
+    import torch
+
+    if not torch.cuda.is_available():  # the gpu preset evaluates on CUDA: refused up front here
+        from ettin.study.run import run_study
+
+        with pytest.raises(EttinError, match="no CUDA device"):
+            run_study(make_config(out=tmp_path / "g", data=study_data, preset="gpu"), progress=False, echo=None)
+        assert not (tmp_path / "g").exists()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     r = subprocess.run([sys.executable, "-m", "ettin", "study", "--sizes", "micro,nope", "--out", str(tmp_path / "c"),
                         "--data", str(study_data)], capture_output=True, text=True, env=env, timeout=120)
