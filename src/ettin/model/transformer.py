@@ -53,6 +53,7 @@ class Block(nn.Module):
         self.attn_norm = nn.Identity() if index == 0 else nn.LayerNorm(h, eps=config.norm_eps, bias=False)
         self.qkv = nn.Linear(h, 3 * h, bias=False)
         self.out = nn.Linear(h, h, bias=False)
+        self.out_dropout = config.attn_out_dropout  # applied in training mode only
         self.mlp_norm = nn.LayerNorm(h, eps=config.norm_eps, bias=False)
         self.wi = nn.Linear(h, 2 * config.intermediate, bias=False)
         self.wo = nn.Linear(config.intermediate, h, bias=False)
@@ -67,7 +68,10 @@ class Block(nn.Module):
             qkv = torch.cat((apply_rotary(qkv[:, :, :2], cos, sin), qkv[:, :, 2:]), dim=2)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each [B, heads, L, D], memory [B, L, heads, D]
         y = attend(q, k, v).transpose(1, 2).reshape(B, L, H)
-        x = x + linear(y, self.out.weight)
+        y = linear(y, self.out.weight)
+        if self.training and self.out_dropout > 0:
+            y = F.dropout(y, self.out_dropout, training=True)
+        x = x + y
         return x + linear(geglu(linear(self.mlp_norm(x), self.wi.weight)), self.wo.weight)
 
 
@@ -206,6 +210,12 @@ class Transformer(nn.Module):
         if origin is not None:
             changes["origin"] = origin
         self.config = self.config.replace(**changes)
+
+    def set_attn_out_dropout(self, p: float) -> None:
+        """The training-time dropout on attention outputs (a recipe sets it per stage)."""
+        self.config = self.config.replace(attn_out_dropout=float(p))
+        for b in self.blocks:
+            b.out_dropout = float(p)
 
     def set_rope_theta(self, global_theta: float, local_theta: float) -> None:
         self.config = self.config.replace(rope_theta_global=global_theta, rope_theta_local=local_theta)
