@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import typer
-import yaml
 
 from ettin.errors import EttinError
 
@@ -56,6 +55,8 @@ def _passages(texts: list[str], n: int) -> list[str]:
 def _resolve_recipes(out: Path, data_dir: Path, scale: float) -> Path:
     """Copy the small recipes into OUT/recipes with the demo's data path filled in."""
     from importlib.resources import files
+
+    import yaml
 
     src = Path(str(files("ettin") / "recipes" / "small"))
     dst = out / "recipes"

@@ -39,8 +39,8 @@ def _register_train(app: typer.Typer) -> None:
         recipe: Path = typer.Argument(..., help="Recipe YAML; model.kind is ignored."),
         out: Path = typer.Option(..., "--out", help="Run directory: OUT/encoder and OUT/decoder."),
         set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe field: dotted.key=value (repeatable)."),
-        max_steps: Optional[int] = typer.Option(None, "--max-steps"),
-        no_progress: bool = typer.Option(False, "--no-progress"),
+        max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this global step (checkpointing there)."),
+        no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     ):
         """Train an encoder (MLM) and a decoder (CLM) in lockstep on identical batches."""
         from ettin.train.trainer import train as run_train
@@ -100,8 +100,8 @@ def register_convert(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", help="Run directory of the converted model."),
         force: bool = typer.Option(False, "--force", help="Allow continuing with the objective the model already has."),
         set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe field: dotted.key=value."),
-        max_steps: Optional[int] = typer.Option(None, "--max-steps"),
-        no_progress: bool = typer.Option(False, "--no-progress"),
+        max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this global step (checkpointing there)."),
+        no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     ):
         """Cross-objective continued training: weights only, attention direction switched, fresh schedule."""
         from ettin.convert.objective import convert as run_convert
