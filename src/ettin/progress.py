@@ -14,9 +14,11 @@ Usage (the whole API)::
 * On a terminal (stderr is a TTY) bars are one rich live display: nested bars (eval: checkpoint
   then task) share it. Each shows what runs, done/total, rate, elapsed and ETA.
 * Elsewhere (CI logs, ``nohup``, ``| tee``, a file) there is no bar (so nothing is cut at 80
-  columns): one plain line when a bar starts and when it ends, and while any bar is open one
-  line with every open bar's state at least every ``ETTIN_PROGRESS_INTERVAL`` seconds (default
-  15), printed by a heartbeat thread, so a single slow step still shows the command is alive.
+  columns): a heartbeat thread prints one line with every open bar's state (what runs,
+  done/total, rate, elapsed, ETA) once a bar has been open 2 s, then at least every
+  ``ETTIN_PROGRESS_INTERVAL`` seconds (default 15) even when nothing advanced, so a single slow
+  step still shows the command is alive; a closing bar prints a "done" line. Bars that end
+  within 2 s print nothing (quick steps stay quiet).
 * Quiet (``--quiet`` on any long command, ``ETTIN_QUIET=1`` or :func:`set_quiet`): no bars, no
   status lines; results and errors are still printed by the commands themselves.
 
@@ -129,6 +131,7 @@ class Bar:
         self._t0 = time.monotonic()
         self._task = None
         self._open = False
+        self._shown = False  # a plain line about this bar was printed
 
     # -- numbers -----------------------------------------------------------------------------
     @property
@@ -203,7 +206,6 @@ class Bar:
                 live = _get_live()
                 self._task = live.add_task(self.desc, total=self.total, completed=self.n, post=self._post(), rate="")
             else:
-                _emit(self.line())
                 _start_heartbeat()
         return self
 
@@ -221,7 +223,7 @@ class Bar:
                 self._task = None
                 if not _active:
                     _stop_live()
-            elif self._task is None:
+            elif self._task is None and (self._shown or self.elapsed >= first_delay()):
                 r = self._rate_text()
                 _emit(f"{self.desc}: done {_num(self.n)}" + (f"/{_num(self.total)}" if self.total is not None else "")
                       + f" {self.unit} in {_clock(self.elapsed)}" + (f" ({r})" if r else "")
@@ -276,13 +278,22 @@ def _stop_live() -> None:
 
 
 # -- the heartbeat off a terminal --------------------------------------------------------------
+def first_delay() -> float:
+    """A bar that ends sooner than this prints nothing off a terminal (no noise from quick steps)."""
+    return min(2.0, interval())
+
+
 def _beat() -> None:
     every = interval()
-    tick = min(1.0, every / 4)
+    tick = max(0.05, min(1.0, every / 4))
     while not _stop.wait(tick):
         with _lock:
-            if _active and time.monotonic() - _last_line >= every:
-                _emit(" | ".join(b.line() for b in _active))
+            now = time.monotonic()
+            due = [b for b in _active if now - b._t0 >= first_delay()]
+            if due and (now - _last_line >= every or any(not b._shown for b in due)):
+                for b in due:
+                    b._shown = True
+                _emit(" | ".join(b.line() for b in due))
 
 
 def _start_heartbeat() -> None:

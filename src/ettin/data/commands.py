@@ -37,16 +37,20 @@ def register(app: typer.Typer) -> None:
         from ettin.data.readers import expand_inputs, iter_texts
         from ettin.data.tokenizer import train_tokenizer
 
+        from ettin.progress import progress
+
         specs = expand_inputs(inputs)
         t0 = time.perf_counter()
-        info = train_tokenizer(
-            iter_texts(inputs, text_field=text_field, text_unit=text_unit),
-            out,
-            vocab_size,
-            min_frequency=min_frequency,
-            show_progress=not quiet,
-            sources=[str(s.path) for s in specs],
-        )
+        with progress(None, "tokenizer train: reading", "docs", quiet=quiet or None) as bar:
+
+            def texts():
+                for t in iter_texts(inputs, text_field=text_field, text_unit=text_unit):
+                    bar.advance(1)
+                    yield t
+                bar.update(desc="tokenizer train: computing merges")  # no progress from inside the BPE trainer
+
+            info = train_tokenizer(texts(), out, vocab_size, min_frequency=min_frequency, show_progress=False,
+                                   sources=[str(s.path) for s in specs])
         typer.echo(
             f"wrote {out}: {info['real_vocab_size']:,} tokens, model vocabulary {info['vocab_size']:,} "
             f"(specials cls={info['cls_id']} sep={info['sep_id']} pad={info['pad_id']} mask={info['mask_id']}) "

@@ -94,7 +94,7 @@ def _summary(res: dict) -> None:
 def register_convert(app: typer.Typer) -> None:
     @app.command()
     def convert(
-        checkpoint: Path = typer.Argument(..., help="Our checkpoint, a run directory, or a Hugging Face ModernBERT/Ettin directory."),
+        checkpoint: Path = typer.Argument(..., help="A checkpoint, a run directory (its last checkpoint), a Hugging Face directory or a Hub id (ORG/NAME)."),
         objective: str = typer.Option(..., "--objective", help="mntp (decoder -> encoder) or clm (encoder -> decoder)."),
         recipe: Path = typer.Option(..., "--recipe", help="Recipe YAML (e.g. recipes/ettin-150m/cross-objective.yaml)."),
         out: Path = typer.Option(..., "--out", help="Run directory of the converted model."),
