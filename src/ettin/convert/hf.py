@@ -588,10 +588,27 @@ def load_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], l
         notes.append(f"{hf_dir}: {arch or 'the model'} has no language-modelling head; the head (dense, norm, output bias) is initialised randomly")
     _check_state(state, config, str(hf_dir), allow_missing=HEAD_KEYS)
     if tok is not None:
-        n = len((tok.get("model") or {}).get("vocab") or {}) + len(tok.get("added_tokens") or [])
-        if n > config.vocab_size:
-            notes.append(f"{hf_dir}: tokenizer has about {n} tokens but the model only {config.vocab_size}")
+        top = max_token_id(tok)
+        if top is not None and top >= config.vocab_size:
+            notes.append(f"{hf_dir}: the tokenizer produces ids up to {top} but the model's vocabulary has {config.vocab_size} "
+                         f"(ids {config.vocab_size}..{top} would fall outside the embedding)")
     return config, state, notes
+
+
+def max_token_id(tokenizer_json: dict) -> int | None:
+    """The largest id a tokenizer.json can produce: its model's vocabulary and its added tokens
+    (which mostly repeat vocabulary entries, so counting both would overstate the size)."""
+    ids: list[int] = []
+    vocab = (tokenizer_json.get("model") or {}).get("vocab")
+    if isinstance(vocab, dict):
+        ids.extend(v for v in vocab.values() if isinstance(v, int))
+    elif isinstance(vocab, list):  # Unigram: [[piece, score], ...], the id is the position
+        if vocab:
+            ids.append(len(vocab) - 1)
+    for t in tokenizer_json.get("added_tokens") or []:
+        if isinstance(t, dict) and isinstance(t.get("id"), int):
+            ids.append(t["id"])
+    return max(ids) if ids else None
 
 
 def _build(config: ModelConfig, state: dict[str, torch.Tensor]):

@@ -101,7 +101,7 @@ class DistributedSection:
 @dataclass(frozen=True)
 class LoggingSection:
     every_steps: int = 1
-    tensorboard: bool = True  # when the package is installed
+    tensorboard: bool = False  # true: also write RUN/tb (needs the tensorboard package; warns once without it)
     peak_flops: float | None = None  # for MFU; default from the GPU name
 
 
@@ -328,6 +328,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> list[St
         entries = [(raw, str(path))]
     sets = parse_set(overrides)
     names = [str(d.get("name", f"stage{i + 1}")) for i, (d, _) in enumerate(entries)]
+    sections = [f.name for f in dataclasses.fields(Stage)]
+    for key, _ in sets:
+        head = key.split(".", 1)[0]
+        if head not in sections and head not in names:
+            close = difflib.get_close_matches(head, sections + names, n=1)
+            raise EttinError(f"--set {key}: '{head}' is neither a recipe section ({', '.join(sections)}) nor a stage of "
+                             f"{path} (stages: {', '.join(names)})" + (f"; did you mean '{close[0]}'?" if close else ""))
     stages = []
     for i, (d, src) in enumerate(entries):
         d = dict(d)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -351,8 +352,11 @@ class Learner:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(str(self.run.root / "tb"))
-            except Exception:
+            except Exception as e:  # noqa: BLE001 - tensorboard missing or broken: train on, say so once
                 self._tb = None
+                _warn_once("tensorboard", f"logging.tensorboard is true but TensorBoard logs cannot be written "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'tensorboard not installed'}); "
+                           "metrics.jsonl has every step (pip install tensorboard, or set logging.tensorboard: false)")
 
     def log(self, rec: dict) -> None:
         if self._metrics_fh is None:
@@ -369,6 +373,15 @@ class Learner:
             self._metrics_fh = None
         if self._tb is not None:
             self._tb.close()
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 def _json_default(o):
