@@ -128,3 +128,13 @@ def test_gitignore_covers_the_demo_default_output():
     default = next(p.default for p in demo.params if p.name == "out")
     lines = (Path(__file__).parent.parent / ".gitignore").read_text().split()
     assert f"/{Path(default).name}/" in lines
+
+
+def test_resolved_recipe_says_what_it_does_not_claim_and_still_loads(tmp_path, tiny_data):
+    from ettin.train.recipe import load_recipe, stages_to_yaml
+
+    stages = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_data))
+    text = stages_to_yaml(stages)
+    assert text.startswith("# Resolved recipe") and "distributed.* applies only under torchrun" in text
+    (tmp_path / "resolved.yaml").write_text(text)
+    assert load_recipe(tmp_path / "resolved.yaml") == stages

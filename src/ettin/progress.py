@@ -34,6 +34,7 @@ import threading
 import time
 
 DEFAULT_INTERVAL = 15.0
+_AMOUNTS = {"B", "bytes", "kB", "MB", "GB", "tokens"}  # rates of amounts read per second, never inverted
 
 _lock = threading.RLock()
 _active: list["Bar"] = []
@@ -158,9 +159,9 @@ class Bar:
         parts = [f"{self.desc}: {done} {self.unit}"]
         if self.total:
             parts[0] += f" ({100 * self.n / self.total:.0f}%)"
-        r = self.rate()
-        if r is not None:
-            parts.append(f"{r:.3g} {self.unit}/s" if r >= 1 else f"{1 / r:.3g} s/{self.unit.rstrip('s') or self.unit}")
+        r = self._rate_text()
+        if r:
+            parts.append(r)
         parts.append(f"elapsed {_clock(self.elapsed)}")
         e = self.eta()
         if e is not None and self.n < (self.total or 0):
@@ -189,10 +190,14 @@ class Bar:
                              post=self._post(), rate=self._rate_text())
 
     def _rate_text(self) -> str:
+        """'12.5 docs/s', or for slow countable work '2.1 s/step' (amounts such as MB stay per second)."""
         r = self.rate()
         if r is None:
             return ""
-        return f"{r:.3g} {self.unit}/s" if r >= 1 else f"{1 / r:.3g} s/{self.unit.rstrip('s') or self.unit}"
+        if r >= 1 or self.unit in _AMOUNTS:
+            return f"{r:.3g} {self.unit}/s"
+        one = self.unit[:-1] if self.unit.endswith("s") and len(self.unit) > 1 else self.unit
+        return f"{1 / r:.3g} s/{one}"
 
     # -- lifetime ----------------------------------------------------------------------------
     def start(self) -> "Bar":

@@ -354,8 +354,17 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> list[St
     return stages
 
 
+RESOLVED_HEADER = """\
+# Resolved recipe: every default filled in; runnable as it is with `ettin train` / `ettin pair`.
+# Not claims about this run: 'auto' values (device, precision, attn_impl, compile) are decided
+# when it starts; distributed.* applies only under torchrun; objective null means the model
+# kind's (mlm for an encoder, clm for a decoder). What ran is recorded in metrics.jsonl and
+# checkpoints/<step>/trainer/state.json (world_size, parallel).
+"""
+
+
 def stages_to_yaml(stages: list[Stage]) -> str:
-    return yaml.safe_dump({"stages": [s.to_dict() for s in stages]}, sort_keys=False)
+    return RESOLVED_HEADER + yaml.safe_dump({"stages": [s.to_dict() for s in stages]}, sort_keys=False)
 
 
 def stage_from_dict(d: dict, source: str = "recipe") -> Stage:
