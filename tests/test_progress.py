@@ -113,6 +113,7 @@ def test_eval_cli_prints_progress_off_a_terminal_and_quiet_silences_it(ckpt, dat
     assert p.returncode == 0, p.stderr
     assert re.search(r"eval run@5: \w+: \d/2 tasks", p.stderr), p.stderr
     assert "eval run@5: winogrande: done 2/2 tasks" in p.stderr, p.stderr
+    assert re.search(r"forwards [1-9]", p.stderr), p.stderr  # movement inside a task too
     assert "arc_easy" in p.stdout  # the results table stays on stdout
     q = subprocess.run(args + ["--quiet"], capture_output=True, text=True, env=_env(ETTIN_PROGRESS_INTERVAL="0.01"), timeout=300)
     assert q.returncode == 0 and q.stderr == "", q.stderr

@@ -38,15 +38,33 @@ def run_prepared(em: EvalModel, prepared: list[tuple[TaskSpec, object]], opts: E
     results: dict[str, dict] = {}
     label = model_label(em)
     with progress(len(prepared), f"eval {label}", "tasks", leave=False) as bar:
-        for spec, data in prepared:
-            bar.update(desc=f"eval {label}: {spec.name}")
-            t0 = time.perf_counter()
-            res = spec.module.run(em, spec, data, opts)
-            results[spec.name] = res
-            bar.advance(1)
-            if on_task is not None:
-                on_task(spec.name, res, time.perf_counter() - t0)
+        handle = _count_forwards(em, bar)  # inside a long task, the count of forward passes still moves
+        try:
+            for spec, data in prepared:
+                bar.update(desc=f"eval {label}: {spec.name}")
+                t0 = time.perf_counter()
+                res = spec.module.run(em, spec, data, opts)
+                results[spec.name] = res
+                bar.advance(1)
+                if on_task is not None:
+                    on_task(spec.name, res, time.perf_counter() - t0)
+        finally:
+            if handle is not None:
+                handle.remove()
     return results
+
+
+def _count_forwards(em: EvalModel, bar):
+    """A forward hook that shows the number of forward passes on ``bar`` (None when quiet)."""
+    if not bar.enabled:
+        return None
+    count = [0]
+
+    def hook(*_):
+        count[0] += 1
+        bar.update(forwards=count[0])
+
+    return em.model.register_forward_hook(hook)
 
 
 def model_label(em: EvalModel) -> str:

@@ -225,6 +225,14 @@ def build_tables(runs: list[Run]) -> list[Table]:
 
 
 def build_images(runs: list[Run]) -> list[Image]:
+    from ettin.progress import progress
+
+    tasks = [t for t, m in _task_metrics(runs).items() if m and not _is_winogender(t)]
+    with progress(2 + len(tasks) + 1, "report: figures", "figures") as bar:
+        return _build_images(runs, bar)
+
+
+def _build_images(runs: list[Run], bar) -> list[Image]:
     styles = plots.run_styles(runs)
     images = [
         Image("loss", "Training loss", plots.loss_plot(runs, styles),
@@ -233,6 +241,7 @@ def build_images(runs: list[Run]) -> list[Image]:
               "Learning rate, batch size, mask rate and sequence length against tokens "
               "(identical schedules overlap; earlier runs are drawn wider)."),
     ]
+    bar.advance(2, last="training")
     for task, metrics in _task_metrics(runs).items():
         if _is_winogender(task) or not metrics:
             continue
@@ -241,6 +250,7 @@ def build_images(runs: list[Run]) -> list[Image]:
         if len(metrics) > len(shown):
             cap += f" ({len(metrics) - len(shown)} more metrics in the CSV.)"
         images.append(Image(f"task_{_slug(task)}", f"Task: {task}", plots.task_plot(task, shown, runs, styles), cap))
+        bar.advance(1, last=task)
     wino = []
     for r in runs:
         for task, rec in r.final_results().items():
@@ -252,6 +262,7 @@ def build_images(runs: list[Run]) -> list[Image]:
     if wino:
         images.append(Image("winogender", "Winogender", plots.winogender_plot(wino),
                             "Share of male / female / neutral pronoun predictions per template set."))
+    bar.advance(1, last="winogender")
     return images
 
 
