@@ -64,7 +64,9 @@ def _count_forwards(em: EvalModel, bar):
         count[0] += 1
         bar.update(forwards=count[0])
 
-    return em.model.register_forward_hook(hook)
+    model = em.model
+    # every path (logits, sparse prediction, pooled encodings, cached prefixes) ends in final_norm
+    return getattr(model, "final_norm", model).register_forward_hook(hook)
 
 
 def model_label(em: EvalModel) -> str:
