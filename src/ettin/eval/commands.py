@@ -90,7 +90,8 @@ def print_table(em, results: dict, times: dict, console) -> None:
         bits.append(f"step {em.step:,}")
     if em.tokens is not None:
         bits.append(f"{em.tokens:,} tokens")
-    t = Table(title=f"{em.name} ({', '.join(bits)})", title_justify="left")
+    title = f"{em.name} ({', '.join(bits)})"
+    t = Table(title=title, title_justify="left", min_width=min(len(title), console.width))  # the title on one line
     t.add_column("task")
     t.add_column("metrics")
     t.add_column("n", justify="right")
