@@ -48,6 +48,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     init_cutoff: float = 2.0
+    # Dropout on each block's attention output projection, in training mode only (Ettin trains
+    # with 0.1, ModernBERT's attn_out_dropout_prob); the model has no other dropout.
+    attn_out_dropout: float = 0.0
     max_seq_len: int = 8192
     cls_id: int = MODERNBERT_SPECIALS["cls_id"]
     sep_id: int = MODERNBERT_SPECIALS["sep_id"]
@@ -110,10 +113,16 @@ class ModelConfig:
             val = getattr(self, key)
             if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
                 raise bad(key, f"must be a positive integer, got {val!r}")
+        from ettin.validate import check_model_config
+
+        check_model_config(self)  # types of every field and upper bounds (absurd sizes)
         if self.hidden % self.heads:
             raise bad("heads", f"must divide hidden={self.hidden}, got {self.heads}")
         if self.head_dim % 2:
             raise bad("heads", f"head dim {self.head_dim} must be even for RoPE")
+        p = self.attn_out_dropout
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+            raise bad("attn_out_dropout", f"must be a probability in [0, 1), got {p!r}")
         if self.objective not in OBJECTIVES:
             raise bad("objective", f"must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.objective == "clm" and not self.causal:
@@ -142,7 +151,10 @@ class ModelConfig:
         missing = [f.name for f in dataclasses.fields(cls) if f.name in ("layers", "hidden", "intermediate", "heads") and f.name not in data]
         if missing:
             raise EttinError(f"{source}: model config lacks required key '{missing[0]}'")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except EttinError as e:
+            raise EttinError(f"{source}: {e}") from None
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -58,11 +58,12 @@ def _step_of(ck: Path) -> tuple[int, str]:
 
 
 def run_checkpoints(run: Path) -> list[Path]:
-    """A run's complete checkpoints (with ettin.json), by step."""
+    """A run's complete, usable checkpoints (with ettin.json), by step."""
     ck = Path(run) / CHECKPOINTS_DIR
     if not ck.is_dir():
         return []
-    found = [d for d in ck.iterdir() if d.is_dir() and not d.name.startswith(".") and (d / "ettin.json").is_file()]
+    found = [d for d in ck.iterdir() if d.is_dir() and not d.name.startswith(".") and not d.name.endswith(".nonfinite")
+             and (d / "ettin.json").is_file()]  # *.nonfinite: set aside by the trainer's NaN guard
     return sorted(found, key=_step_of)
 
 

@@ -31,6 +31,7 @@ def _register_train(app: typer.Typer) -> None:
 
         if kind is not None and kind not in ("encoder", "decoder"):
             raise EttinError(f"--kind must be 'encoder' or 'decoder', got '{kind}'")
+        _check_max_steps(max_steps)
         res = run_train(recipe, out, overrides=set_, max_steps=max_steps, progress=not no_progress, kind=kind)
         _summary(res)
 
@@ -45,6 +46,7 @@ def _register_train(app: typer.Typer) -> None:
         """Train an encoder (MLM) and a decoder (CLM) in lockstep on identical batches."""
         from ettin.train.trainer import train as run_train
 
+        _check_max_steps(max_steps)
         res = run_train(recipe, out, overrides=set_, max_steps=max_steps, progress=not no_progress, pair=True)
         _summary(res)
 
@@ -82,6 +84,13 @@ def _register_train(app: typer.Typer) -> None:
                 typer.echo(tok.decode(row, skip_special_tokens=False))
 
 
+def _check_max_steps(max_steps) -> None:
+    if max_steps is not None:
+        from ettin.validate import MAX_TOKENS, check_int
+
+        check_int("--max-steps", max_steps, 1, MAX_TOKENS)
+
+
 def _summary(res: dict) -> None:
     runs = ", ".join(res["runs"])
     state = "finished" if res["finished"] else "stopped"
@@ -106,5 +115,6 @@ def register_convert(app: typer.Typer) -> None:
         """Cross-objective continued training: weights only, attention direction switched, fresh schedule."""
         from ettin.convert.objective import convert as run_convert
 
+        _check_max_steps(max_steps)
         res = run_convert(checkpoint, objective, recipe, out, force=force, overrides=set_, max_steps=max_steps, progress=not no_progress)
         _summary(res)
