@@ -71,21 +71,22 @@ def test_no_false_vocabulary_alarm_on_our_own_exports(tmp_path, tiny_data, capsy
     assert len(notes) == 1 and f"ids up to {cfg.vocab_size + 3}" in notes[0] and f"has {cfg.vocab_size}" in notes[0]
 
 
-def test_convert_warns_when_not_cross_objective(tmp_path, tok_dir, capsys, monkeypatch):
+def test_convert_warns_when_not_cross_objective(tmp_path, tok_dir, tiny_data, capsys, monkeypatch):
     import ettin.train.trainer as trainer
     from ettin.convert.objective import convert
     from ettin.eval.testing import tiny_checkpoint
 
-    monkeypatch.setattr(trainer, "train", lambda *a, **k: {"kind": k.get("kind")})
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: {"kind": k.get("kind")})  # the warning comes before training
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_data)
     enc = tiny_checkpoint(tmp_path / "enc", "encoder", tok_dir)
     dec = tiny_checkpoint(tmp_path / "dec", "decoder", tok_dir)
-    assert convert(enc, "mntp", tmp_path / "r.yaml", tmp_path / "o1")["kind"] == "encoder"
+    assert convert(enc, "mntp", recipe, tmp_path / "o1")["kind"] == "encoder"
     err = capsys.readouterr().err
     assert "is an encoder; --objective mntp continues it as an encoder, which is not a cross-objective conversion" in err
-    convert(dec, "mntp", tmp_path / "r.yaml", tmp_path / "o2")  # the real conversion: silent
-    convert(enc, "clm", tmp_path / "r.yaml", tmp_path / "o3")
+    convert(dec, "mntp", recipe, tmp_path / "o2")  # the real conversion: silent
+    convert(enc, "clm", recipe, tmp_path / "o3")
     assert capsys.readouterr().err == ""
-    convert(dec, "clm", tmp_path / "r.yaml", tmp_path / "o4", force=True)
+    convert(dec, "clm", recipe, tmp_path / "o4", force=True)
     assert "is a decoder; --objective clm continues it as a decoder" in capsys.readouterr().err
 
 
