@@ -130,3 +130,31 @@ def test_train_prints_plain_lines_off_a_terminal(tmp_path, tiny_data):
     lines = [x for x in p.stderr.splitlines() if x.startswith("run stage1: ")]
     assert lines and re.search(r"\d/4 steps .*loss enc \d", lines[0]), p.stderr
     assert "\x1b" not in p.stderr and "━" not in p.stderr + p.stdout
+
+
+def test_live_bar_on_a_terminal_keeps_piped_stdout_in_the_pipe():
+    """stderr a terminal, stdout a pipe (`ettin eval ... | tee log`): the bar is live on the
+    terminal and the results still reach the pipe, not the terminal."""
+    import pty
+
+    code = ("from ettin.progress import progress\n"
+            "with progress(2, 'outer', 'models') as o:\n"
+            "    print('TABLE-LINE-1'); o.advance(1); print('TABLE-LINE-2'); o.advance(1)\n")
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=slave, env=_env(COLUMNS="100"))
+    os.close(slave)
+    out = p.stdout.read().decode()
+    assert p.wait(timeout=60) == 0
+    term = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO once the child side is closed
+            break
+        if not chunk:
+            break
+        term += chunk
+    os.close(master)
+    assert out == "TABLE-LINE-1\nTABLE-LINE-2\n"
+    text = term.decode(errors="replace")
+    assert "outer" in text and "2/2" in text and "\x1b[" in text and "TABLE" not in text

@@ -77,6 +77,13 @@ def is_terminal() -> bool:
         return False
 
 
+def _stdout_is_terminal() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def _emit(line: str) -> None:
     """A plain line on stderr (off a terminal, or with no live display)."""
     global _last_line
@@ -270,6 +277,9 @@ def _get_live():
             TextColumn("{task.fields[post]}"),
             console=Console(file=_stream()),
             transient=False,
+            # stdout on the same terminal is printed above the bars; stdout into a pipe or file
+            # (`ettin eval ... | tee log`) must stay there, not be moved onto the terminal
+            redirect_stdout=_stdout_is_terminal(),
         )
         _live.start()
     return _live
