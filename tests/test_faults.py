@@ -219,6 +219,21 @@ def tok_with(w: World, name: str, tokenizer_json: str | None = None, **meta) -> 
     return d
 
 
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def deep_file(w: World, name: str, src: Path, fname: str) -> Path:
+    """A copy of ``src`` whose ``fname`` is JSON/YAML nested 100,000 levels deep."""
+    d = w.p(name)
+    if not d.exists():
+        if src.is_dir():
+            shutil.copytree(src, d)
+        else:
+            d.mkdir()
+        (d / fname).write_text('{"a": ' + DEEP + "}")
+    return d
+
+
 def stages_recipe(w: World) -> Path:
     p = w.p("stages-str.yaml")
     p.write_text(yaml.safe_dump({"stages": "abc"}))
@@ -394,6 +409,12 @@ CASES = [
     Case("report-foreign-files", lambda w: ["report", w.run, "--out", report_files_foreign(w)], "--force", out=_o("rep.html"), keep=lambda w: w.p("rep_files") / "mine.txt"),
     Case("report-out-dir", lambda w: ["report", w.run, "--out", w.precious], "is a directory", keep=lambda w: w.notes),
     Case("report-md-is-dir", lambda w: ["report", w.run, "--out", (w.p("mdd.md").mkdir(exist_ok=True), w.p("mdd.html"))[1]], "is a directory", out=_o("mdd.html")),
+    # deeply nested JSON/YAML in every file a command parses
+    Case("deep-ettin-json", lambda w: ["export", deep_file(w, "dj1", w.ckpt, "ettin.json"), "--out", w.p("dj1o")], "ettin.json", out=_o("dj1o")),
+    Case("deep-config-json", lambda w: ["import", deep_file(w, "dj2", w.hf, "config.json"), "--out", w.p("dj2o")], "config.json", out=_o("dj2o")),
+    Case("deep-manifest", lambda w: ["data", "info", deep_file(w, "dj3", w.data, "manifest.json")], "manifest.json"),
+    Case("deep-tokenizer-meta", lambda w: ["tokenizer", "info", deep_file(w, "dj4", w.tok, "ettin_tokenizer.json")], "ettin_tokenizer.json"),
+    Case("deep-recipe", lambda w: ["train", deep_file(w, "dj5", w.p("nope"), "r.yaml") / "r.yaml", "--out", w.p("dj5o")], "nested too deeply", out=_o("dj5o")),
     Case("report-missing-run", lambda w: ["report", w.p("nope"), "--out", w.p("rep2.html")], "nope", out=_o("rep2.html")),
 ]
 
