@@ -690,7 +690,7 @@ def test_long_document_is_split_without_changing_ids(world, monkeypatch):
 
 
 def test_one_huge_line_keeps_memory_bounded(world, tmp_path):
-    """Peak RSS of prepare on one 4 MB line stays near that of a tiny input (was ~+500 MB)."""
+    """Peak RSS of prepare on one 4.4 MB line stays near that of a tiny input (measured +90 MB; +700 MB when held whole)."""
     big = " ".join(f"word{i % 1000}" for i in range(500_000))  # ~4.4 MB, ~1M tokens
     src = _write_jsonl(tmp_path / "big.jsonl", [json.dumps({"text": big})])
     code = (
@@ -703,4 +703,4 @@ def test_one_huge_line_keeps_memory_bounded(world, tmp_path):
         r = subprocess.run([sys.executable, "-c", code, str(inp), str(world.tok), str(out)], env=ENV, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         peaks.append(int(r.stdout.split()[-1]) / 1024)
-    assert peaks[1] - peaks[0] < 120, f"peak RSS {peaks[0]:.0f} MB -> {peaks[1]:.0f} MB"
+    assert peaks[1] - peaks[0] < 300, f"peak RSS {peaks[0]:.0f} MB -> {peaks[1]:.0f} MB"
