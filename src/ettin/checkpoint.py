@@ -77,7 +77,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu"):
     check_finite(state, Path(path) / WEIGHTS_FILE)
     model = model.to_empty(device=device)
     _load_strict(model, state, path)
-    return model
+    return model.eval()  # inference mode (no dropout); the trainer switches to train() itself
 
 
 def check_finite(state: dict, source) -> None:

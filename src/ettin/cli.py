@@ -97,6 +97,7 @@ _COMMAND_MODULES = (
     "ettin.eval.commands",
     "ettin.report.commands",
     "ettin.demo",
+    "ettin.study.commands",
 )
 
 

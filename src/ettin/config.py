@@ -48,6 +48,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     init_cutoff: float = 2.0
+    # Dropout on each block's attention output projection, in training mode only (Ettin trains
+    # with 0.1, ModernBERT's attn_out_dropout_prob); the model has no other dropout.
+    attn_out_dropout: float = 0.0
     max_seq_len: int = 8192
     cls_id: int = MODERNBERT_SPECIALS["cls_id"]
     sep_id: int = MODERNBERT_SPECIALS["sep_id"]
@@ -117,6 +120,9 @@ class ModelConfig:
             raise bad("heads", f"must divide hidden={self.hidden}, got {self.heads}")
         if self.head_dim % 2:
             raise bad("heads", f"head dim {self.head_dim} must be even for RoPE")
+        p = self.attn_out_dropout
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+            raise bad("attn_out_dropout", f"must be a probability in [0, 1), got {p!r}")
         if self.objective not in OBJECTIVES:
             raise bad("objective", f"must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.objective == "clm" and not self.causal:

@@ -113,6 +113,13 @@ def hf_config_dict(config: ModelConfig, *, meta: dict | None = None, source: str
         "cls_token_id": config.cls_id,
         "sep_token_id": config.sep_id,
         "mask_token_id": config.mask_id,
+        # transformers' attention_dropout drops attention probabilities *and* the attention
+        # output; ettin's attn_out_dropout only the output, so no transformers field says it.
+        # Exports carry 0 (inference, as the released ModernBERT configs); the training value
+        # stays in the "ettin" block below and comes back on import.
+        "attention_dropout": 0.0,
+        "embedding_dropout": 0.0,
+        "mlp_dropout": 0.0,
         "layer_types": layer_types,
         "global_attn_every_n_layers": config.global_every,
         "local_attention": _hf_local_attention(config, source),
@@ -275,6 +282,25 @@ def model_kind(hf: dict, source: str = "config.json") -> tuple[bool, str]:
     raise EttinError(f"{source}: {found} is not ModernBERT-style; ettin imports model_type 'modernbert' (encoders) and 'modernbert-decoder' (decoders)")
 
 
+def _attn_out_dropout(hf: dict, source: str) -> float:
+    """transformers' ``attention_dropout`` as our attention-output dropout (the part we have)."""
+    vals = {}
+    for k in ("attention_dropout", "embedding_dropout", "mlp_dropout"):
+        v = hf.get(k, 0.0)
+        if v is None:
+            v = 0.0
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+            raise EttinError(f"{source}: '{k}' must be a probability in [0, 1), got {v!r}")
+        vals[k] = float(v)
+    if vals["attention_dropout"] > 0:
+        warn(f"{source}: attention_dropout {vals['attention_dropout']} becomes ettin's attn_out_dropout (attention output only; "
+             "ettin has no dropout on attention probabilities)")
+    for k in ("embedding_dropout", "mlp_dropout"):
+        if vals[k] > 0:
+            warn(f"{source}: {k} {vals[k]} is ignored (ettin has dropout on attention outputs only)")
+    return vals["attention_dropout"]
+
+
 def config_from_hf(hf: dict, *, source: str = "config.json", tokenizer_json: dict | None = None, origin: str | None = None) -> ModelConfig:
     """Our ModelConfig from a parsed transformers config.json (4.x or 5.x), checking what we can't represent."""
     if not isinstance(hf, dict):
@@ -301,6 +327,7 @@ def config_from_hf(hf: dict, *, source: str = "config.json", tokenizer_json: dic
     if causal and has_local and local // 2 < 1:
         raise EttinError(f"{source}: local_attention {local} gives an empty decoder window")
     theta_g, theta_l = _rope_thetas(hf, source)
+    dropout = _attn_out_dropout(hf, source)
     specials = _special_ids(hf, vocab, causal, tokenizer_json, source)
     try:
         numbers = dict(
@@ -325,6 +352,7 @@ def config_from_hf(hf: dict, *, source: str = "config.json", tokenizer_json: dic
             local_attention=local,
             rope_theta_global=theta_g,
             rope_theta_local=theta_l,
+            attn_out_dropout=dropout,
             **numbers,
             **specials,
         )

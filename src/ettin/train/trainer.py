@@ -15,7 +15,7 @@ import math
 import os
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from ettin.config import ModelConfig, preset
 from ettin.errors import EttinError
 from ettin.fsutil import atomic_write_text
 from ettin.model import Transformer
+from ettin.train import budget
 from ettin.train import distributed as D
 from ettin.train.optim import build_optimizer, set_lr
 from ettin.train.recipe import Stage, load_recipe, stage_from_dict, stages_to_yaml
@@ -104,6 +105,9 @@ def _fingerprint_dict(stage: Stage) -> dict:
     d = stage.to_dict()
     d["train"].pop("max_steps", None)
     d["train"].pop("device", None)
+    for sec, key in (("train", "tokens_per_sample"), ("model", "attn_out_dropout")):
+        if d[sec].get(key) is None:  # fields added later: unset keeps older runs resumable
+            d[sec].pop(key, None)
     d.pop("logging", None)
     d.pop("distributed", None)
     return d
@@ -204,6 +208,27 @@ def step_generator(seed: int, step: int, objective: str) -> torch.Generator:
     return g
 
 
+def dropout_seed(seed: int, step: int, objective: str, rank: int) -> int:
+    """The torch RNG seed of one learner's step on one rank (it drives attention-output dropout)."""
+    h = hashlib.sha256(f"dropout:{seed}:{step}:{objective}:{rank}".encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 1
+
+
+@contextmanager
+def step_rng(seed: int, step: int, objective: str, d: D.Dist):
+    """The global torch RNG, forked and seeded from (seed, step, objective, rank) for one step.
+
+    Dropout draws from the global RNG. Seeding it per step makes its masks a function of the
+    saved trainer state (the step), so a resumed run draws exactly the masks it would have
+    drawn, and one side of a pair draws the same masks as when trained alone. The caller's RNG
+    state is restored afterwards.
+    """
+    cuda = d.device.type == "cuda"
+    with torch.random.fork_rng(devices=[d.device] if cuda else [], device_type="cuda"):
+        torch.manual_seed(dropout_seed(seed, step, objective, d.rank))
+        yield
+
+
 # -- one model --------------------------------------------------------------------------------
 class Learner:
     """A model with its optimiser, objective and run directory."""
@@ -236,6 +261,8 @@ class Learner:
         self.objective = objective
         m = self.model
         m.set_rope_theta(stage.train.rope_theta, stage.train.rope_theta)
+        if stage.model.attn_out_dropout is not None:
+            m.set_attn_out_dropout(stage.model.attn_out_dropout)
         if stage.train.seq_len > m.config.max_seq_len:
             m.config = m.config.replace(max_seq_len=stage.train.seq_len)
 
@@ -292,6 +319,7 @@ class Learner:
                 "data_fingerprint": data_fingerprint,
                 "next_row": plan.start_row + plan.rows,
                 "world_size": self.d.world,
+                "dropout_rng": "torch RNG seeded per step from (seed, step, objective, rank)",
                 "parallel": (self.stage.distributed.strategy if self.d.enabled else "none"),  # how the model was wrapped
             }
             (tdir / "state.json").write_text(json.dumps(doc, indent=2, sort_keys=True, default=_json_default) + "\n")
@@ -365,15 +393,16 @@ class Learner:
         amp = torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
         loss_sum = torch.zeros((), device=dev, dtype=torch.float32)
         scale = self.d.world / max(1, n_loss)
-        for i, c in enumerate(chunks):
-            x = inputs[c : c + mb].to(dev, non_blocking=True)
-            y = labels[c : c + mb].to(dev, non_blocking=True)
-            dm = docs_m[c : c + mb].to(dev, non_blocking=True) if st.train.document_masking else None
-            with D.grad_sync(self.wrapped, sync=(i == len(chunks) - 1)), amp:
-                # summed CE over y != -100: sparse prediction + fused, chunked head and loss
-                ce = self.wrapped(x, doc_ids=dm, labels=y)
-                (ce * scale).backward()
-            loss_sum += ce.detach()
+        with step_rng(st.train.seed, plan.step, self.objective, self.d):  # this step's dropout masks
+            for i, c in enumerate(chunks):
+                x = inputs[c : c + mb].to(dev, non_blocking=True)
+                y = labels[c : c + mb].to(dev, non_blocking=True)
+                dm = docs_m[c : c + mb].to(dev, non_blocking=True) if st.train.document_masking else None
+                with D.grad_sync(self.wrapped, sync=(i == len(chunks) - 1)), amp:
+                    # summed CE over y != -100: sparse prediction + fused, chunked head and loss
+                    ce = self.wrapped(x, doc_ids=dm, labels=y)
+                    (ce * scale).backward()
+                loss_sum += ce.detach()
         clip = st.optim.grad_clip if st.optim.grad_clip is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), clip)
         if hasattr(grad_norm, "full_tensor"):
@@ -539,6 +568,7 @@ def _train(
     stages = load_recipe(recipe, overrides)
     if kind is not None:
         stages = [replace(s, model=replace(s.model, kind=kind)) for s in stages]
+    stages = budget.resolve_samples(stages, open_mixture)  # train.tokens_per_sample: auto -> tokens
     d = D.init(stages[0].train.device, stages[0].distributed.backend)
     if d.device.type == "cpu":
         from ettin.model.transformer import tune_cpu_allocator
@@ -561,6 +591,7 @@ def _train(
     first = run_stages[sides[0][0]]
     plan = Plan(first)
     total = plan.total_steps()
+    stage_plan = plan.stage_summary()  # steps and tokens per step of each stage, printed and saved
     stop_at = total if max_steps is None else min(total, max_steps)
 
     # where to start: the last checkpoint common to all sides
@@ -612,11 +643,16 @@ def _train(
             ln.open_metrics(start)
         if pair:
             atomic_write_text(out / "recipe.yaml", stages_to_yaml(first))
+        for root in {out} | {ln.run.root for ln in learners}:
+            budget.write_plan(root / "plan.json", stage_plan)
+        if progress:
+            for line in budget.plan_lines(stage_plan):
+                print(f"plan {line}", flush=True)
 
     if start >= stop_at:
         for ln in learners:
             ln.close()
-        return {"steps": start, "resumed_from": start, "finished": start >= total, "runs": [str(ln.run.root) for ln in learners]}
+        return {"steps": start, "resumed_from": start, "finished": start >= total, "runs": [str(ln.run.root) for ln in learners], "plan": stage_plan}
 
     nparams = learners[0].model.num_params()
     peak = first[0].logging.peak_flops or _device_peak(d.device)
@@ -698,6 +734,7 @@ def _train(
                     "loss": r["loss"],
                     "lr": p.lr,
                     "batch_size": p.rows,
+                    "samples": p.samples,
                     "seq_len": p.seq_len,
                     "mask_rate": p.mask_rate if ln.objective != "clm" else 0.0,
                     "grad_norm": r["grad_norm"],
@@ -737,6 +774,7 @@ def _train(
         "first_loss": first_losses,
         "last": last,
         "runs": [str(ln.run.root) for ln in learners],
+        "plan": stage_plan,
     }
 
 
