@@ -550,7 +550,7 @@ def train(recipe: str | Path, out: str | Path, **kw) -> dict:
 def _nothing_written(out: Path, lock_file: str) -> bool:
     """A run directory this call created holds nothing of value: no checkpoint, no metric line."""
     for p in out.rglob("*"):
-        if p.is_dir() or p.name in (lock_file, "recipe.yaml", "plan.json"):
+        if p.is_dir() or p.name in (lock_file, "recipe.yaml", "plan.json"):  # both derived from the recipe
             continue
         if p.name == "metrics.jsonl" and p.stat().st_size == 0:
             continue
