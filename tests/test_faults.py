@@ -647,16 +647,19 @@ def test_os_errors_are_one_line(world, tmp_path):
 
 # -- concurrency ------------------------------------------------------------------------------
 def test_one_writer_per_run_directory(world, monkeypatch, capsys):
-    """A second writer fails at once naming the holder's pid; after a kill -9 of the holder the
-    lock is gone (the kernel drops it) and a resume works."""
+    """While a real ``ettin train`` runs, a second train/pair/convert on its --out fails at once
+    naming its pid; after a kill -9 the lock is gone (the kernel drops it) and a rerun works."""
     run = world.p("locked")
-    shutil.copytree(world.run, run)
-    holder = subprocess.Popen([sys.executable, "-c", f"from ettin.lock import run_lock\nimport time\nwith run_lock({str(run)!r}):\n    print('held', flush=True)\n    time.sleep(120)\n"],
-                              env=ENV, stdout=subprocess.PIPE, text=True)
+    recipe = tiny_recipe(world.p("long.yaml"), world.data, steps=400, every=400)
+    holder = subprocess.Popen([sys.executable, "-m", "ettin", "train", str(recipe), "--out", str(run), "--no-progress"],
+                              env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        assert holder.stdout.readline().strip() == "held"
-        for argv in (["train", world.recipe, "--out", run], ["pair", world.recipe, "--out", run],
-                     ["convert", world.ckpt, "--objective", "clm", "--recipe", world.recipe, "--out", run]):
+        deadline = time.time() + 120
+        while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size > 0):
+            assert holder.poll() is None and time.time() < deadline, holder.stderr.read().decode() if holder.poll() is not None else "timeout"
+            time.sleep(0.1)
+        for argv in (["train", recipe, "--out", run], ["pair", recipe, "--out", run],
+                     ["convert", world.ckpt, "--objective", "clm", "--recipe", recipe, "--out", run]):
             t0 = time.perf_counter()
             code, _, err = run_cli(monkeypatch, capsys, *argv, "--no-progress")
             assert code == 1 and err.count("\n") == 1 and f"pid {holder.pid}" in err, err
@@ -665,8 +668,8 @@ def test_one_writer_per_run_directory(world, monkeypatch, capsys):
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     assert (run / ".lock").exists()  # the file stays, the lock does not
-    code, out, err = run_cli(monkeypatch, capsys, "train", world.recipe, "--out", run, "--no-progress")
-    assert code == 0 and "resumed from 2" in out, err
+    code, out, err = run_cli(monkeypatch, capsys, "train", recipe, "--out", run, "--no-progress", "--max-steps", "1")
+    assert code == 0 and "stopped at step 1" in out, err
 
 
 # -- pathological text ------------------------------------------------------------------------
