@@ -372,6 +372,8 @@ CASES = [
     Case("train-vocab-huge", lambda w: ["train", w.recipe, "--out", w.p("r23"), *T, "model.vocab_size=100000000000"], "vocab_size", out=_o("r23")),
     Case("train-betas-type", lambda w: ["train", w.recipe, "--out", w.p("r24"), *T, "optim.betas=0.9"], "optim.betas", out=_o("r24")),
     Case("train-epochs-0", lambda w: ["train", w.recipe, "--out", w.p("r25"), *T, f"data.sources=[{{path: {w.data}, epochs: 0}}]"], "epochs", out=_o("r25")),
+    Case("train-override-size", lambda w: ["train", w.recipe, "--out", w.p("r26"), *T, "model.overrides={hidden: 100000000}"], "model.overrides.hidden", out=_o("r26")),
+    Case("train-override-type", lambda w: ["train", w.recipe, "--out", w.p("r27"), *T, "model.overrides={norm_eps: abc}"], "norm_eps", out=_o("r27")),
     Case("train-data-dotdot", lambda w: ["train", w.recipe, "--out", w.p("r17"), *T, f"data.sources=[{{path: {manifest_escape('dotdot')(w)}, weight: 1}}]"], "outside", out=_o("r17")),
     Case("train-data-bad-id", lambda w: ["train", w.recipe, "--out", w.p("r18"), *T, f"data.sources=[{{path: {_bad_token_data(w)}, weight: 1}}]", "--no-progress"],
          "outside the model's vocabulary", out=_o("r18")),
