@@ -41,7 +41,7 @@ def test_single_checkpoint_json(pair, data, tmp_path):
     doc = json.loads(out.read_text())
     assert set(doc) == {"model", "results"} and doc["model"] == str(ck)
     assert set(doc["results"]) == {"arc_easy", "winogrande"}
-    assert set(doc["results"]["arc_easy"]) == {"acc", "acc_norm", "n"} and doc["results"]["arc_easy"]["n"] == 4
+    assert set(doc["results"]["arc_easy"]) == {"acc", "acc_norm", "n", "scoring"} and doc["results"]["arc_easy"]["n"] == 4
     assert "arc_easy" in res.output  # the table
     assert not (pair / "decoder" / "eval.jsonl").exists()  # a bare checkpoint is not a run
 
@@ -74,7 +74,8 @@ def test_pair_run_gives_both_sides(pair, data, tmp_path):
         assert res.exit_code == 0, res.output
         doc = json.loads(out.read_text())
         assert [(d["kind"], d["step"]) for d in doc] == [("encoder", 2), ("encoder", 10), ("decoder", 2), ("decoder", 10)]
-        assert "pseudo_perplexity" in doc[0]["results"]["lambada_openai"]
+        assert doc[0]["results"]["lambada_openai"]["scoring"] == "ltr" and "perplexity" in doc[0]["results"]["lambada_openai"]
+        assert doc[2]["results"]["lambada_openai"]["scoring"] == "causal"
         assert "perplexity" in doc[2]["results"]["lambada_openai"]
         assert doc[0]["results"]["triviaqa"]["n"] == 0 and "not applicable" in doc[0]["results"]["triviaqa"]["note"]
         for side in ("encoder", "decoder"):

@@ -53,3 +53,22 @@ def test_answer_normalisation_and_stats():
     assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
     assert math.isnan(pearson([1, 1, 1], [1, 2, 3]))
     assert std([1.0, 3.0]) == pytest.approx(math.sqrt(2))
+
+
+def test_triviaqa_matching_is_the_harness_exact_match():
+    from ettin.eval.metrics import harness_exact_match
+    from ettin.eval.qa import prompt
+
+    assert prompt("What type of animal is a dik-dik?") == "Question: What type of animal is a dik-dik??\nAnswer:"
+    assert prompt("What was the first hospital soap opera on ITV") == "Question: What was the first hospital soap opera on ITV?\nAnswer:"
+    cases = [("Onion", ["Onions", "Onion"]), ("onion!", ["Onion"]), ("the onion", ["Onion"]), ("an onion", ["onion"]),
+             ("Dik-dik", ["dikdik"]), ("New  York", ["New York"]), ("Café", ["CAFÉ"]), ("", ["x"]), ("U.S.", ["us"])]
+    ours = [harness_exact_match(p, a) for p, a in cases]
+    # articles and whitespace count here (SQuAD normalisation would call "the onion" right)
+    assert ours == [1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    assert exact_match("the onion", ["Onion"]) == 1.0
+    metrics = pytest.importorskip("lm_eval.api.metrics")
+    for (p, golds), got in zip(cases, ours):
+        ref = metrics.exact_match_hf_evaluate(predictions=[p] * len(golds), references=golds, ignore_case=True,
+                                              ignore_punctuation=True)["exact_match"]
+        assert got == (1.0 if ref > 0 else 0.0), (p, golds)

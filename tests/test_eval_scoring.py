@@ -92,7 +92,7 @@ def test_encoder_pll_matches_transformers(tmp_path, tok_dir):
     [em] = load_for_eval(ckpt)
     em.model.double()
     items = mc.build_items("arc_easy", DOCS["arc_easy"][:1])
-    ours = mc.choice_loglikelihoods(em, items, EvalOptions(batch_size=4))[0]
+    ours = mc.choice_loglikelihoods(em, items, EvalOptions(batch_size=4, encoder_scoring="pll"))[0]
     cfg = em.config
     for (context, continuation), ll in zip(items[0].requests, ours):
         ctx, cont = scoring.split_pair(em.tokenizer, context, continuation)
@@ -155,7 +155,7 @@ def test_mntp_reads_the_previous_position(tok_dir, tok):
     # the task path picks the shift up from the config
     em = EvalModel.from_model(model, tok.raw)
     items = mc.build_items("openbookqa", [{"context": "What color is the sky?", "choices": ["blue", "red"], "label": 0}])
-    lls = mc.choice_loglikelihoods(em, items, EvalOptions())[0]
+    lls = mc.choice_loglikelihoods(em, items, EvalOptions(encoder_scoring="pll"))[0]
     ctx, cont = scoring.split_pair(tok, "What color is the sky?", " blue")
     ids = [cfg.cls_id] + ctx + cont + [cfg.sep_id]
     assert abs(lls[0] - _manual_pll(model, ids, list(range(1 + len(ctx), 1 + len(ctx) + len(cont))), cfg.mask_id, 1)) < 1e-4

@@ -78,12 +78,14 @@ def test_lm_group_and_generic_text_task(dec, enc, data, tmp_path):
     try:
         r = evaluate(dec, "lm", data)
         assert list(r) == ["lambada_openai", "wikitext2", "heldout"]
-        assert set(r["lambada_openai"]) == {"acc", "perplexity", "n"} and r["lambada_openai"]["n"] == 2
+        assert set(r["lambada_openai"]) == {"acc", "perplexity", "n", "scoring"} and r["lambada_openai"]["n"] == 2
         assert r["wikitext2"]["n"] == 2  # the blank line is skipped
         assert "perplexity" in evaluate(dec, "lm/heldout", data)["heldout"]
         e = evaluate(enc, ["lambada_openai", "heldout"], data)
-        assert set(e["lambada_openai"]) == {"acc", "pseudo_perplexity", "n"}
+        assert set(e["lambada_openai"]) == {"acc", "perplexity", "n", "scoring"} and e["lambada_openai"]["scoring"] == "ltr"
         assert "pseudo_bits_per_byte" in e["heldout"]
+        e = evaluate(enc, ["lambada_openai"], data, encoder_scoring="pll")
+        assert set(e["lambada_openai"]) == {"acc", "pseudo_perplexity", "n", "scoring"}
     finally:
         import shutil
 
@@ -193,13 +195,13 @@ def test_winogender_diff():
 
 def test_winogender_shares(enc, dec, data):
     for em in (enc, dec):
-        r = evaluate(em, "winogender", data)["winogender"]
-        assert r["n"] == 4
+        r = evaluate(em, "winogender", data, winogender="all")["winogender"]
+        assert r["n"] == 4 and r["protocol"] == "all"
         for group in ("", "referent_occupation/", "participant_someone/", "case_nom/", "occupation_female_majority/"):
             assert sum(r[f"{group}{g}"] for g in ("male", "female", "neutral")) == pytest.approx(1.0)
         assert "r_bls_female" in r
     # decoder: scores are full-sentence log-likelihoods up to the shared prefix
-    d = prepare("winogender", data, "validation", EvalOptions())[0][1]
+    d = prepare("winogender", data, "validation", EvalOptions(winogender="all"))[0][1]
     scores = winogender.scores(dec, d.items[:1], EvalOptions())[0]
     cfg = dec.config
     full = []

@@ -113,6 +113,9 @@ class ModelConfig:
             val = getattr(self, key)
             if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
                 raise bad(key, f"must be a positive integer, got {val!r}")
+        from ettin.validate import check_model_config
+
+        check_model_config(self)  # types of every field and upper bounds (absurd sizes)
         if self.hidden % self.heads:
             raise bad("heads", f"must divide hidden={self.hidden}, got {self.heads}")
         if self.head_dim % 2:
@@ -148,7 +151,10 @@ class ModelConfig:
         missing = [f.name for f in dataclasses.fields(cls) if f.name in ("layers", "hidden", "intermediate", "heads") and f.name not in data]
         if missing:
             raise EttinError(f"{source}: model config lacks required key '{missing[0]}'")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except EttinError as e:
+            raise EttinError(f"{source}: {e}") from None
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

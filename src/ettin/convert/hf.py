@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -611,6 +610,9 @@ def load_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], l
     take_head = _has_lm_head(causal, arch, hf_state)
     state = from_hf_state_dict(hf_state, config, take_head=take_head, source=str(hf_dir))
     state = {k: v.float().contiguous() if v.is_floating_point() else v for k, v in state.items()}
+    from ettin.checkpoint import check_finite
+
+    check_finite(state, hf_dir)
     notes = []
     if not all(k in state for k in HEAD_KEYS):
         notes.append(f"{hf_dir}: {arch or 'the model'} has no language-modelling head; the head (dense, norm, output bias) is initialised randomly")
@@ -676,23 +678,20 @@ def import_hf(hf_dir: str | Path, out_ckpt: str | Path, *, force: bool = False) 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:
     """Only tokenizer files (a model directory also holds config.json, weight indexes, ...)."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
+    from ettin.safety import copy_small_files
+
+    copy_small_files(src, dst, names=set(TOKENIZER_FILES))  # a symlink out of the model directory is refused
 
 
 # ------------------------------------------------------------------------------------------
 # writing a Hugging Face directory
 # ------------------------------------------------------------------------------------------
 def _check_out(out: Path, src: Path, *, force: bool, ours: bool) -> None:
-    """Refuse to replace the source, or a non-empty directory that is not an earlier output of ours."""
-    if out.exists() and src.exists() and out.resolve() == src.resolve():
-        raise EttinError(f"{out}: --out is the input directory; choose another")
-    if out.exists() and not out.is_dir():
-        raise EttinError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not ours and not force:
-        raise EttinError(f"{out}: exists and is not empty; pass --force to replace it")
+    """Refuse to replace the source, a file, a training run, or (without --force) a non-empty
+    directory that is not an earlier output of ours."""
+    from ettin.safety import check_out
+
+    check_out(out, force=force, ours=ours, what="output directory", inputs=(src,))
 
 
 def _is_export(path: Path) -> bool:
@@ -848,6 +847,9 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, *, force: bool 
     hf_config_dict(config, source=str(ckpt_dir))  # refuse an inexpressible window before reading weights
     state = load_state_dict(ckpt_dir)
     _check_state(state, config, str(ckpt_dir))
+    from ettin.checkpoint import check_finite
+
+    check_finite(state, ckpt_dir)
     tok_dir = tokenizer_dir(ckpt_dir)
     tokenizer = _hf_tokenizer(tok_dir, config) if tok_dir is not None else None
     model = _hf_model(config, to_hf_state_dict(state, config), meta, str(ckpt_dir))

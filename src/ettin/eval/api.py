@@ -2,6 +2,25 @@
 
 Task files are read and checked once (:func:`prepare`), before any model is loaded, so a
 trajectory of many checkpoints reads its data once and bad input fails before slow work.
+
+Per-example output (``samples=``, what ``ettin eval --samples`` writes; lm-evaluation-harness's
+``--log_samples``): every task appends one dict per example,
+``{"task", "id", "label", "prediction", "scores"?, "metrics": {name: value}, ...}``:
+
+- ``id``: the data's id, else ``file:line`` (retrieval: the query id; winogender:
+  ``occupation.participant.answer``); ``label``: the gold answer; ``prediction``: the model's.
+- multiple choice: ``scores`` = the summed log-likelihood of each choice, in choice order,
+  under the scoring the result names (``"scoring"``); ``metrics`` ``acc``/``acc_norm`` (0/1).
+- ``metrics`` values aggregate to the task's reported numbers by their **mean** over the records
+  (``acc``, ``acc_norm``, ``exact_match``, ``ndcg@10``, ``recall@100``, GLUE ``accuracy``, the
+  winogender ``male``/``female``/``neutral`` indicators), except the perplexity-type records:
+  text perplexity stores per document ``nll`` (minus the summed log-likelihood, nats),
+  ``tokens``, ``words`` and ``bytes``: ``perplexity = exp(sum nll / sum tokens)`` (words:
+  word_perplexity, bytes: byte_perplexity, ``sum nll / sum bytes / ln 2``: bits_per_byte);
+  LAMBADA stores ``nll`` per example: ``perplexity = exp(mean nll)``.
+- GLUE (fine-tuned): one record per example and seed (``"seed"``) at the chosen learning rate;
+  ``f1`` and ``matthews_corrcoef`` are recomputed per seed from ``label``/``prediction``, then
+  averaged over seeds.
 """
 
 from __future__ import annotations
@@ -32,11 +51,17 @@ def prepare(tasks, data_dir, split: str, opts: EvalOptions) -> list[tuple[TaskSp
 
 
 def run_prepared(em: EvalModel, prepared: list[tuple[TaskSpec, object]], opts: EvalOptions,
-                 on_task: Callable[[str, dict, float], None] | None = None) -> dict[str, dict]:
+                 on_task: Callable[[str, dict, float], None] | None = None, samples: list | None = None) -> dict[str, dict]:
+    """``{task: result}``; ``samples``: a list that gets one dict per example and task (see above)."""
     results: dict[str, dict] = {}
     for spec, data in prepared:
         t0 = time.perf_counter()
-        res = spec.module.run(em, spec, data, opts)
+        if samples is None:
+            res = spec.module.run(em, spec, data, opts)
+        else:
+            got: list[dict] = []
+            res = spec.module.run(em, spec, data, opts, samples=got)
+            samples.extend({"task": spec.name, **r} for r in got)
         results[spec.name] = res
         if on_task is not None:
             on_task(spec.name, res, time.perf_counter() - t0)
@@ -64,18 +89,25 @@ def _as_eval_model(model, tokenizer, device: str | None) -> EvalModel:
 
 
 def evaluate(model, tasks, data_dir=None, split: str = "validation", *, tokenizer=None, options: EvalOptions | None = None,
-             on_task: Callable[[str, dict, float], None] | None = None, **overrides) -> dict[str, dict]:
+             on_task: Callable[[str, dict, float], None] | None = None, samples: list | None = None,
+             **overrides) -> dict[str, dict]:
     """``{task: {metric: value, ..., "n": count}}`` for one model.
 
     ``model``: an :class:`EvalModel`, an ``ettin.model.Transformer`` (with ``tokenizer=`` a
     ``tokenizers.Tokenizer`` or a tokenizer directory), or the path of one checkpoint / HF dir.
     ``tasks``: names and groups, as a list or a comma-separated string. ``overrides`` set
     :class:`EvalOptions` fields (``limit=``, ``batch_size=``, ``device=``, ``seeds=``, ...).
+    ``samples``: a list to receive the per-example records (module docstring).
     """
     opts = make_options(options, **overrides)
     em = _as_eval_model(model, tokenizer, overrides.get("device"))
     prepared = prepare(tasks, data_dir, split, opts)
-    return run_prepared(em, prepared, opts, on_task)
+    return run_prepared(em, prepared, opts, on_task, samples)
+
+
+def tag_samples(em: EvalModel, samples: list[dict]) -> list[dict]:
+    """The records with ``model`` and ``step`` (and ``kind``) first."""
+    return [{"model": em.name, "step": em.step, "kind": em.kind, **r} for r in samples]
 
 
 def record(em: EvalModel, results: dict) -> dict:
@@ -84,14 +116,23 @@ def record(em: EvalModel, results: dict) -> dict:
 
 
 def evaluate_all(path, tasks, data_dir=None, split: str = "validation", *, options: EvalOptions | None = None,
-                 on_model: Callable[[EvalModel, dict], None] | None = None, **overrides) -> list[dict]:
-    """Every model ``path`` names (checkpoint, run directory, pair, HF directory), one record each."""
+                 on_model: Callable[[EvalModel, dict], None] | None = None, samples: list | None = None,
+                 **overrides) -> list[dict]:
+    """Every model ``path`` names (checkpoint, run directory, pair, HF directory), one record each.
+
+    ``samples``: a list that gets every model's per-example records, each starting with
+    ``"model"`` (the model's name) and ``"step"`` (its checkpoint step, or None) so the records
+    of a trajectory or a pair stay apart.
+    """
     opts = make_options(options, **overrides)
     models = path if isinstance(path, list) else load_for_eval(path, opts.device)
     prepared = prepare(tasks, data_dir, split, opts)
     out = []
     for em in models:
-        res = run_prepared(em, prepared, opts)
+        got: list | None = [] if samples is not None else None
+        res = run_prepared(em, prepared, opts, samples=got)
+        if samples is not None:
+            samples.extend(tag_samples(em, got))
         out.append(record(em, res))
         if on_model is not None:
             on_model(em, res)

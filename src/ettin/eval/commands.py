@@ -114,20 +114,24 @@ def register(app) -> None:
         json_out: Path = typer.Option(None, "--json", help="Write the results as JSON here ('-' for stdout)."),
         batch_size: int = typer.Option(32, "--batch-size", help="Sequences per forward pass."),
         device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-        limit: int = typer.Option(None, "--limit", help="Examples per task (also caps fine-tuning data), for quick runs."),
+        limit: int = typer.Option(None, "--limit", help="Examples per task, for quick runs: items, queries or lines; perplexity tasks: the first N documents, each cut to its first --max-length tokens. Also caps fine-tuning data."),
         seeds: str = typer.Option(None, "--seeds", help="Fine-tuning seeds, e.g. 0,1,2."),
         lrs: str = typer.Option(None, "--lrs", help="Fine-tuning learning-rate grid, e.g. 3e-5,1e-4,3e-4."),
         epochs: int = typer.Option(None, "--epochs", help="GLUE fine-tuning epochs."),
         encoder_pooling: str = typer.Option(None, "--encoder-pooling", help="GLUE pooling for encoders: mean or cls."),
         decoder_pooling: str = typer.Option(None, "--decoder-pooling", help="GLUE pooling for decoders: last or mean."),
+        pooling: str = typer.Option(None, "--pooling", help="Pooling for retrieval and GLUE on both sides: mean, cls or last (default: mean for encoders, last token for decoders)."),
+        encoder_scoring: str = typer.Option(None, "--encoder-scoring", help="Encoders on multiple choice and LAMBADA: ltr (default: the Ettin authors' left-to-right scoring, token k at the first of three [MASK]s) or pll (pseudo-log-likelihood)."),
+        winogender: str = typer.Option(None, "--winogender", help="Winogender protocol: gotcha (default: the authors' probe on the gotcha sentences) or all (every sentence, with breakdowns)."),
         max_length: int = typer.Option(None, "--max-length", help="Longest scored sequence (contexts are cut from the left)."),
         no_finetune: bool = typer.Option(False, "--no-finetune", help="Zero-shot retrieval; GLUE is skipped."),
         no_log: bool = typer.Option(False, "--no-log", help="Do not append to RUN/eval.jsonl."),
+        samples_out: Path = typer.Option(None, "--samples", help="Write one JSON line per example and task here (model, step, task, id, label, prediction, scores, metrics)."),
     ):
         """Evaluate checkpoints on zero-shot and fine-tuned tasks (both sides, same tasks)."""
         from rich.console import Console
 
-        from ettin.eval.api import make_options, prepare, record, run_prepared
+        from ettin.eval.api import make_options, prepare, record, run_prepared, tag_samples
         from ettin.eval.loading import load_for_eval
         from ettin.eval.tasks import data_dir_or_default
         from ettin.fsutil import atomic_write_text
@@ -135,16 +139,20 @@ def register(app) -> None:
         opts = make_options(
             batch_size=batch_size, device=device, limit=limit, seeds=_parse_list(seeds, int, "--seeds"),
             lrs=_parse_list(lrs, float, "--lrs"), epochs=epochs, encoder_pooling=encoder_pooling,
-            decoder_pooling=decoder_pooling, max_length=max_length, finetune=not no_finetune,
+            decoder_pooling=decoder_pooling, pooling=pooling, encoder_scoring=encoder_scoring, winogender=winogender, max_length=max_length, finetune=not no_finetune,
         )
         console = Console(stderr=json_out is not None and str(json_out) == "-")
         data_dir = data_dir_or_default(data)
         models = load_for_eval(model, opts.device)
         prepared = prepare(tasks, data_dir, split, opts)
         records = []
+        sample_lines: list[str] = []
         for em in models:
             times: dict[str, float] = {}
-            results = run_prepared(em, prepared, opts, on_task=lambda t, r, s: times.__setitem__(t, s))
+            got: list | None = [] if samples_out is not None else None
+            results = run_prepared(em, prepared, opts, on_task=lambda t, r, s: times.__setitem__(t, s), samples=got)
+            if got is not None:
+                sample_lines.extend(json.dumps(_clean(r), ensure_ascii=False) + "\n" for r in tag_samples(em, got))
             print_table(em, results, times, console)
             if em.run_dir is not None and not no_log:
                 append_eval_log(em, results, split)
@@ -159,6 +167,9 @@ def register(app) -> None:
             else:
                 atomic_write_text(json_out, text)
                 console.print(f"wrote {json_out}")
+        if samples_out is not None:
+            atomic_write_text(samples_out, "".join(sample_lines))
+            console.print(f"wrote {samples_out} ({len(sample_lines):,} examples)")
 
     @app.command("embed")
     def embed_cmd(

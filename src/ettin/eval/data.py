@@ -112,3 +112,17 @@ def load_records(files: list[Path], required: dict[str, type | tuple], *, what: 
             obj["_where"] = f"{path}:{lineno}"
             out.append(obj)
     return out
+
+
+def example_id(d: dict, files: int = 1):
+    """The id a per-example record carries: the line's ``id`` (or ``_id``), else its line number
+    (``file:line`` when the split has several shards)."""
+    for key in ("id", "_id"):
+        v = d.get(key)
+        if isinstance(v, (str, int)) and not isinstance(v, bool):
+            return v
+    where = d.get("_where", "")
+    path, _, line = where.rpartition(":")
+    if not line.isdigit():
+        return where or None
+    return int(line) if files <= 1 else f"{Path(path).name}:{line}"

@@ -19,6 +19,10 @@ pool = P.pool_padded  # [B, L, H] right-padded -> [B, H]: what glue and retrieva
 
 
 def pooling_for(config, opts) -> str:
+    """``opts.pooling`` if set, else the side's default: encoders ``encoder_pooling`` (mean),
+    decoders ``decoder_pooling`` (last), as the authors' sentence-transformers setup pools."""
+    if getattr(opts, "pooling", None):
+        return opts.pooling
     return opts.decoder_pooling if config.causal else opts.encoder_pooling
 
 

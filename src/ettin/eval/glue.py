@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ettin.errors import EttinError
 from ettin.eval import finetune as ft
-from ettin.eval.data import load_records, require_split
+from ettin.eval.data import example_id, load_records, require_split
 from ettin.eval.metrics import accuracy, f1_binary, matthews_corrcoef, mean, std
 
 KNOWN = ("cola", "sst2", "mrpc", "rte", "qnli", "mnli")
@@ -36,6 +36,7 @@ class GlueData:
     metric: str
     train: list[tuple[tuple[str, ...], int]]
     eval: list[tuple[tuple[str, ...], int]]
+    eval_ids: list | None = None  # the data's id (or line number) of each eval example
 
 
 def read_meta(glue_dir: Path, task: str) -> dict:
@@ -60,8 +61,10 @@ def read_meta(glue_dir: Path, task: str) -> dict:
     return {"labels": labels, "metric": metric, "inputs": inputs}
 
 
-def _examples(files: list[Path], task: str, labels: list[str], inputs: list[str]) -> list[tuple[tuple[str, ...], int]]:
+def _examples(files: list[Path], task: str, labels: list[str], inputs: list[str], ids: list | None = None) -> list[tuple[tuple[str, ...], int]]:
     docs = load_records(files, {inputs[0]: str, "label": (int, str)}, what=f"GLUE {task}")
+    if ids is not None:
+        ids.extend(example_id(d, len(files)) for d in docs)
     out = []
     for d in docs:
         lab = d["label"]
@@ -82,14 +85,16 @@ def _examples(files: list[Path], task: str, labels: list[str], inputs: list[str]
 
 def load(spec, task_dir: Path, split: str, opts) -> GlueData:
     info = read_meta(task_dir.parent, spec.name)
-    ev = _examples(require_split(task_dir, split, spec.name), spec.name, info["labels"], info["inputs"])
+    ids: list = []
+    ev = _examples(require_split(task_dir, split, spec.name), spec.name, info["labels"], info["inputs"], ids)
     train: list = []
     if opts.finetune:
         train = _examples(require_split(task_dir, "train", spec.name), spec.name, info["labels"], info["inputs"])
     if opts.limit:
         train = [train[i] for i in ft.shuffled(len(train), 0)][: opts.limit]
         ev = ev[: opts.limit]
-    return GlueData(spec.name, info["labels"], info["inputs"], info["metric"], train, ev)
+        ids = ids[: opts.limit]
+    return GlueData(spec.name, info["labels"], info["inputs"], info["metric"], train, ev, ids)
 
 
 def compute_metrics(pred: list[int], gold: list[int], metric: str) -> dict[str, float]:
@@ -160,7 +165,7 @@ def train_classifier(em, seqs: list[list[int]], labels: list[int], n_labels: int
     return clf
 
 
-def run(em, spec, data: GlueData, opts) -> dict:
+def run(em, spec, data: GlueData, opts, samples: list | None = None) -> dict:
     if not opts.finetune:
         return {"note": "skipped: GLUE needs fine-tuning (--no-finetune given)", "n": 0}
     cfg = em.config
@@ -188,15 +193,22 @@ def run(em, spec, data: GlueData, opts) -> dict:
     n_labels = len(data.labels)
     by_lr: dict[float, dict] = {}
     for lr in opts.lrs:
-        dev_scores, ev_metrics = [], []
+        dev_scores, ev_metrics, ev_preds = [], [], []
         for seed in opts.seeds:
             clf = train_classifier(em, fit_x, fit_y, n_labels, lr=lr, seed=seed, opts=opts)
             dev_scores.append(primary(compute_metrics(_predict(clf, dev_x, cfg.pad_id, opts.batch_size), dev_y, data.metric), data.metric))
-            ev_metrics.append(compute_metrics(_predict(clf, ev_x, cfg.pad_id, opts.batch_size), ev_y, data.metric))
+            preds = _predict(clf, ev_x, cfg.pad_id, opts.batch_size)
+            ev_preds.append(preds)
+            ev_metrics.append(compute_metrics(preds, ev_y, data.metric))
             del clf
-        by_lr[lr] = {"dev": mean(dev_scores), "eval": ev_metrics}
+        by_lr[lr] = {"dev": mean(dev_scores), "eval": ev_metrics, "preds": ev_preds}
     best = max(opts.lrs, key=lambda lr: (by_lr[lr]["dev"], -opts.lrs.index(lr)))
     runs = by_lr[best]["eval"]
+    if samples is not None:
+        ids = data.eval_ids if data.eval_ids is not None else list(range(1, len(ev_y) + 1))
+        for seed, preds in zip(opts.seeds, by_lr[best]["preds"]):
+            for i, p, y in zip(ids, preds, ev_y):
+                samples.append({"id": i, "seed": seed, "lr": best, "label": y, "prediction": p, "metrics": {"accuracy": float(p == y)}})
     out: dict = {}
     for m in runs[0]:
         vals = [r[m] for r in runs]

@@ -7,8 +7,12 @@ the blank in the context, and the (shared) text after the blank is what is score
 divides each choice's log-likelihood by the character length of the choice string (for
 WinoGrande the harness's choice strings are the filled-in contexts).
 
-Decoders: log P(" " + choice | [CLS] + prompt). Encoders: pseudo-log-likelihood of the same
-continuation tokens in ``[CLS] prompt continuation [SEP]``, each masked in turn.
+Decoders: log P(" " + choice | [CLS] + prompt) (``"scoring": "causal"``). Encoders, by default
+as the Ettin authors score them (``"scoring": "ltr"``): the same continuation tokens left to
+right, token k read at the first of three [MASK]s in ``[CLS] prompt cont[:k] [MASK] [MASK]
+[MASK] [SEP]`` (MNTP-converted encoders: at the position before); ``encoder_scoring="pll"``
+(``--encoder-scoring pll``): the pseudo-log-likelihood of the continuation tokens in
+``[CLS] prompt continuation [SEP]``, each masked in turn.
 Any other directory under ``mc/`` is scored the same way with the raw context as the prompt.
 """
 
@@ -20,7 +24,7 @@ from pathlib import Path
 
 from ettin.errors import EttinError
 from ettin.eval import scoring
-from ettin.eval.data import load_records, require_split
+from ettin.eval.data import example_id, load_records, require_split
 
 KNOWN = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "siqa", "boolq", "winogrande", "openbookqa")
 
@@ -77,6 +81,7 @@ class MCItem:
     requests: list[tuple[str, str]]  # (context, continuation) per choice
     lengths: list[float]  # characters of each choice string (acc_norm)
     label: int
+    id: object = None  # the data's id (or line number), for per-example output
 
 
 def _winogrande(d: dict) -> MCItem:
@@ -94,15 +99,17 @@ def _winogrande(d: dict) -> MCItem:
     return MCItem([(c, " " + target) for c in contexts], [float(len(c)) for c in contexts], d["label"])
 
 
-def build_items(task: str, docs: list[dict]) -> list[MCItem]:
+def build_items(task: str, docs: list[dict], n_files: int = 1) -> list[MCItem]:
     items = []
     prompt = PROMPTS.get(task, _plain)
     for d in docs:
         if task == "winogrande":
-            items.append(_winogrande(d))
-            continue
-        ctx, choices = prompt(d)
-        items.append(MCItem([(ctx, " " + c) for c in choices], [float(len(c)) for c in choices], d["label"]))
+            it = _winogrande(d)
+        else:
+            ctx, choices = prompt(d)
+            it = MCItem([(ctx, " " + c) for c in choices], [float(len(c)) for c in choices], d["label"])
+        it.id = example_id(d, n_files)
+        items.append(it)
     return items
 
 
@@ -117,7 +124,7 @@ def load(spec, task_dir: Path, split: str, opts) -> list[MCItem]:
             raise EttinError(f"{d['_where']}: label {d['label']} is not an index into its {len(ch)} choices")
     if opts.limit:
         docs = docs[: opts.limit]
-    return build_items(spec.name, docs)
+    return build_items(spec.name, docs, len(files))
 
 
 def choice_loglikelihoods(em, items: list[MCItem], opts) -> list[list[float]]:
@@ -128,8 +135,9 @@ def choice_loglikelihoods(em, items: list[MCItem], opts) -> list[list[float]]:
     pairs = scoring.split_pairs(tok, flat)
     if em.is_encoder:
         reqs = [([cfg.cls_id] + ctx, cont, [cfg.sep_id]) for ctx, cont in pairs]
-        res = scoring.masked_loglikelihood(em.model, reqs, pad_id=cfg.pad_id, mask_id=cfg.mask_id, batch_size=opts.batch_size,
-                                           max_length=opts.max_length, mntp=cfg.objective == "mntp")
+        fn = scoring.masked_ltr_loglikelihood if opts.encoder_scoring == "ltr" else scoring.masked_loglikelihood
+        res = fn(em.model, reqs, pad_id=cfg.pad_id, mask_id=cfg.mask_id, batch_size=opts.batch_size,
+                 max_length=opts.max_length, mntp=cfg.objective == "mntp")
     else:
         bos = [cfg.cls_id] if opts.bos else []
         reqs = [((bos + ctx) or [cfg.cls_id], cont) for ctx, cont in pairs]
@@ -168,14 +176,26 @@ def _argmax(xs: list[float]) -> int:
     return best
 
 
-def score(items: list[MCItem], lls: list[list[float]]) -> dict:
+def score(items: list[MCItem], lls: list[list[float]], samples: list | None = None) -> dict:
     acc = acc_norm = 0.0
     for it, ll in zip(items, lls):
-        acc += float(_argmax(ll) == it.label)
-        acc_norm += float(_argmax([v / n if n else v for v, n in zip(ll, it.lengths)]) == it.label)
+        pred = _argmax(ll)
+        pred_norm = _argmax([v / n if n else v for v, n in zip(ll, it.lengths)])
+        acc += float(pred == it.label)
+        acc_norm += float(pred_norm == it.label)
+        if samples is not None:
+            samples.append({"id": it.id, "label": it.label, "prediction": pred, "prediction_norm": pred_norm,
+                            "scores": list(ll), "metrics": {"acc": float(pred == it.label), "acc_norm": float(pred_norm == it.label)}})
     n = len(items)
     return {"acc": acc / n if n else float("nan"), "acc_norm": acc_norm / n if n else float("nan"), "n": n}
 
 
-def run(em, spec, items: list[MCItem], opts) -> dict:
-    return score(items, choice_loglikelihoods(em, items, opts))
+def scoring_name(em, opts) -> str:
+    """What the JSON names the scoring: ``causal`` (decoders), ``ltr`` or ``pll`` (encoders)."""
+    return opts.encoder_scoring if em.is_encoder else "causal"
+
+
+def run(em, spec, items: list[MCItem], opts, samples: list | None = None) -> dict:
+    out = score(items, choice_loglikelihoods(em, items, opts), samples)
+    out["scoring"] = scoring_name(em, opts)
+    return out

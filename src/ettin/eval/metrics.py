@@ -105,3 +105,15 @@ def normalize_answer(s: str) -> str:
 def exact_match(prediction: str, answers: Sequence[str]) -> float:
     p = normalize_answer(prediction)
     return float(any(p == normalize_answer(a) for a in answers))
+
+
+# -- lm-evaluation-harness exact_match (ignore_case + ignore_punctuation) ----------------------
+_NO_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def harness_exact_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 if the prediction equals any answer after lower-casing and deleting
+    ``string.punctuation`` (the harness's ``exact_match`` with ``ignore_case`` and
+    ``ignore_punctuation``; several targets: any one counts)."""
+    p = prediction.lower().translate(_NO_PUNCT)
+    return float(any(p == a.lower().translate(_NO_PUNCT) for a in answers))

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from ettin.errors import EttinError
 
 
+ENCODER_SCORINGS = ("ltr", "pll")
+
+
 @dataclass
 class EvalOptions:
     # scoring
@@ -16,6 +19,11 @@ class EvalOptions:
     limit: int | None = None  # examples per task (also caps fine-tuning train examples / pairs)
     max_length: int = 1024  # longest scored sequence; longer contexts are cut from the left
     bos: bool = True  # prepend [CLS] (our BOS) to every decoder context, as documents start with it
+    # encoders on generative tasks (multiple choice, LAMBADA): "ltr" = the Ettin authors' scoring
+    # (left to right, token k at the first of three [MASK]s + [SEP]); "pll" = pseudo-log-likelihood
+    # (each continuation token masked in turn, everything else visible; LAMBADA: the word masked jointly)
+    encoder_scoring: str = "ltr"
+    winogender: str = "gotcha"  # "gotcha" (the authors' probe) | "all" (every sentence, with breakdowns)
     # perplexity
     lm_window: int = 1024  # decoder rolling window (tokens scored per window <= this)
     lm_stride: int | None = None  # None: disjoint windows (lm-evaluation-harness rolling); smaller: sliding
@@ -32,6 +40,7 @@ class EvalOptions:
     carve_out: float = 0.1  # share of train held out to pick the learning rate
     encoder_pooling: str = "mean"  # "mean" | "cls"
     decoder_pooling: str = "last"  # "last" | "mean"
+    pooling: str | None = None  # "mean" | "cls" | "last": overrides the per-side pooling (GLUE and retrieval)
     retrieval_lr: float = 1e-4
     retrieval_epochs: int = 1
     retrieval_batch_size: int = 32
@@ -57,8 +66,14 @@ class EvalOptions:
             raise EttinError(f"--limit must be a positive integer, got {self.limit!r}")
         if self.lm_stride is not None and not (0 < self.lm_stride <= self.lm_window):
             raise EttinError(f"lm_stride must lie in 1..lm_window ({self.lm_window}), got {self.lm_stride}")
+        if self.encoder_scoring not in ENCODER_SCORINGS:
+            raise EttinError(f"--encoder-scoring must be one of {', '.join(ENCODER_SCORINGS)}, got '{self.encoder_scoring}'")
+        if self.winogender not in ("gotcha", "all"):
+            raise EttinError(f"--winogender must be 'gotcha' or 'all', got '{self.winogender}'")
         if self.encoder_pooling not in ("mean", "cls"):
             raise EttinError(f"encoder pooling must be 'mean' or 'cls', got '{self.encoder_pooling}'")
+        if self.pooling is not None and self.pooling not in ("mean", "cls", "last"):
+            raise EttinError(f"--pooling must be 'mean', 'cls' or 'last', got '{self.pooling}'")
         if self.decoder_pooling not in ("last", "mean"):
             raise EttinError(f"decoder pooling must be 'last' or 'mean', got '{self.decoder_pooling}'")
         if not self.seeds:

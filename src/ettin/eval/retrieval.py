@@ -1,12 +1,20 @@
 """Retrieval (BEIR layout under ``retrieval/<task>/``): embed, rank by cosine, ``ndcg@10``, ``recall@100``.
 
-Embedding model: mean pooling of the backbone's final hidden states (both sides), L2-normalised.
-Fine-tuned by default (``--no-finetune`` for zero-shot) with a contrastive loss over in-batch
-negatives (InfoNCE, temperature 0.05) on the training pairs available:
+Embedding model: the backbone's final hidden states pooled as the authors' sentence-transformers
+setup does (encoders: mean over the real tokens; decoders: the last token, ``[SEP]``; ``--pooling``
+overrides both), L2-normalised. Fine-tuned by default (``--no-finetune`` for zero-shot) with a
+contrastive loss (InfoNCE, temperature 0.05, i.e. sentence-transformers'
+MultipleNegativesRankingLoss at scale 20): each query against every positive of its batch plus
+the batch's hard negatives, on the training pairs available:
 
 - the task's own ``qrels/train.tsv`` if it has one, else the pooled ``qrels/train.tsv`` pairs of
   the other retrieval tasks in the data directory (e.g. CoSQA and the docstring task train on
   SciFact's pairs, as the paper's models are fine-tuned once and evaluated across tasks);
+- hard negatives where the data has them: documents judged non-relevant (score <= 0) for the
+  query in ``qrels/train.tsv``, then those listed in ``hard_negatives.jsonl`` (lines
+  ``{"_id": query id, "negatives": [corpus ids, ...]}``); a training pair takes one of its
+  query's negatives in turn. The shared data sets have none (their qrels hold positives only),
+  so there the loss uses in-batch negatives alone; the result counts ``hard_negatives``;
 - evaluation queries are never trained on. A task with no ``qrels/<split>.tsv`` (SciFact ships
   only ``train.tsv`` here; "validation" also finds ``dev.tsv``) is evaluated on a seeded half of
   its train queries, which then leaves training; the result carries a ``note`` saying so.
@@ -39,7 +47,7 @@ class RetrievalData:
     corpus: dict[str, str]
     queries: dict[str, str]
     qrels: dict[str, dict[str, float]]
-    train_pairs: list[tuple[str, str]]
+    train_pairs: list[tuple[str, str, str | None]]  # (query, positive, hard negative or None)
     train_source: str
     note: str | None = None
 
@@ -119,18 +127,38 @@ def eval_split(task_dir: Path, split: str, task: str) -> tuple[dict[str, dict[st
     raise EttinError(f"task '{task}': expected {task_dir / 'qrels' / (split + '.tsv')}, not found")
 
 
-def _pairs(task_dir: Path, usable: set[str]) -> list[tuple[str, str]]:
+HARD_NEGATIVES = "hard_negatives.jsonl"
+
+
+def read_hard_negatives(path: Path) -> dict[str, list[str]]:
+    """``{query id: [corpus ids]}`` from ``hard_negatives.jsonl`` (``{"_id", "negatives"}`` lines)."""
+    out: dict[str, list[str]] = {}
+    for lineno, d in read_jsonl(path):
+        negs = d.get("negatives")
+        if "_id" not in d or not isinstance(negs, list) or not all(isinstance(x, (str, int)) for x in negs):
+            raise EttinError(f"{path}:{lineno}: hard-negative lines need '_id' and 'negatives' (a list of corpus ids)")
+        out.setdefault(str(d["_id"]), []).extend(str(x) for x in negs)
+    return out
+
+
+def _pairs(task_dir: Path, usable: set[str]) -> list[tuple[str, str, str | None]]:
     train_path = task_dir / "qrels" / "train.tsv"
     if not usable or not train_path.is_file():
         return []
     train = read_qrels(train_path)
     queries = read_queries(task_dir / "queries.jsonl", task_dir.name)
     corpus = read_corpus(_corpus_path(task_dir, task_dir.name))
+    extra = read_hard_negatives(task_dir / HARD_NEGATIVES) if (task_dir / HARD_NEGATIVES).is_file() else {}
     out = []
     for q in sorted(usable):
-        for d, s in sorted(train.get(q, {}).items()):
+        judged = train.get(q, {})
+        negs = [d for d, s in sorted(judged.items()) if s <= 0 and d in corpus]
+        negs += [d for d in extra.get(q, []) if d in corpus and judged.get(d, 0) <= 0 and d not in negs]
+        k = 0
+        for d, s in sorted(judged.items()):
             if s > 0 and q in queries and d in corpus:
-                out.append((queries[q], corpus[d]))
+                out.append((queries[q], corpus[d], corpus[negs[k % len(negs)]] if negs else None))
+                k += 1
     return out
 
 
@@ -142,7 +170,7 @@ def load(spec, task_dir: Path, split: str, opts) -> RetrievalData:
     qrels = {q: r for q, r in qrels.items() if q in queries and any(s > 0 for s in r.values())}
     if not qrels:
         raise EttinError(f"task '{task}': no query of the {split} qrels has a text in {task_dir / 'queries.jsonl'}")
-    train_pairs: list[tuple[str, str]] = []
+    train_pairs: list[tuple[str, str, str | None]] = []
     source = task
     if opts.finetune:
         train_pairs = _pairs(task_dir, usable)
@@ -173,12 +201,16 @@ def _encode(em, texts: list[str], max_length: int) -> list[list[int]]:
     return [ft.frame(ids, cfg.cls_id, cfg.sep_id, max_length) for ids in em.tokenizer.encode_batch(texts)]
 
 
-def finetune_embedder(em, pairs: list[tuple[str, str]], opts):
-    """A copy of the backbone trained with InfoNCE over in-batch negatives (mean pooling)."""
+def finetune_embedder(em, pairs: list[tuple[str, str, str | None]], opts):
+    """A copy of the backbone trained with InfoNCE: each query against the batch's positives and
+    hard negatives (the side's pooling, :func:`ettin.eval.finetune.pooling_for`)."""
     cfg = em.config
     dev = next(em.model.parameters()).device
-    q = _encode(em, [a for a, _ in pairs], opts.query_max_length)
-    d = _encode(em, [b for _, b in pairs], opts.doc_max_length)
+    pooling = ft.pooling_for(cfg, opts)
+    q = _encode(em, [p[0] for p in pairs], opts.query_max_length)
+    d = _encode(em, [p[1] for p in pairs], opts.doc_max_length)
+    neg_idx = [i for i, p in enumerate(pairs) if p[2] is not None]
+    n = dict(zip(neg_idx, _encode(em, [pairs[i][2] for i in neg_idx], opts.doc_max_length)))
     torch.manual_seed(opts.seeds[0])
     model = ft.fresh_copy(em.model)
     bs = max(2, opts.retrieval_batch_size)
@@ -192,9 +224,10 @@ def finetune_embedder(em, pairs: list[tuple[str, str]], opts):
             if len(chunk) < 2:
                 continue
             xq, amq, lq = ft.pad_batch([q[i] for i in chunk], cfg.pad_id, dev)
-            xd, amd, ld = ft.pad_batch([d[i] for i in chunk], cfg.pad_id, dev)
-            eq = F.normalize(ft.pool(model.encode(xq, attention_mask=amq), lq, "mean").float(), dim=-1)
-            ed = F.normalize(ft.pool(model.encode(xd, attention_mask=amd), ld, "mean").float(), dim=-1)
+            docs = [d[i] for i in chunk] + [n[i] for i in chunk if i in n]  # positives, then hard negatives
+            xd, amd, ld = ft.pad_batch(docs, cfg.pad_id, dev)
+            eq = F.normalize(ft.pool(model.encode(xq, attention_mask=amq), lq, pooling).float(), dim=-1)
+            ed = F.normalize(ft.pool(model.encode(xd, attention_mask=amd), ld, pooling).float(), dim=-1)
             logits = eq @ ed.T / opts.retrieval_temperature
             loss = F.cross_entropy(logits, torch.arange(len(chunk), device=dev))
             opt.zero_grad(set_to_none=True)
@@ -220,26 +253,36 @@ def rank(q_emb: torch.Tensor, d_emb: torch.Tensor, qids: list[str], dids: list[s
     return out
 
 
-def run(em, spec, data: RetrievalData, opts) -> dict:
+def run(em, spec, data: RetrievalData, opts, samples: list | None = None) -> dict:
     model = em.model
     tuned = False
     if opts.finetune and data.train_pairs:
-        key = ("retrieval-finetune", tuple(data.train_pairs), opts.retrieval_lr, opts.retrieval_epochs, opts.seeds[0])
+        key = ("retrieval-finetune", tuple(data.train_pairs), opts.retrieval_lr, opts.retrieval_epochs, opts.seeds[0],
+               ft.pooling_for(em.config, opts))
         model = em.cache.get(key)
         if model is None:
             model = em.cache[key] = finetune_embedder(em, data.train_pairs, opts)
         tuned = True
     qids, dids = list(data.queries), list(data.corpus)
+    pooling = ft.pooling_for(em.config, opts)
     q_emb = ft.embed(model, _encode(em, [data.queries[q] for q in qids], opts.query_max_length), pad_id=em.config.pad_id,
-                     pooling="mean", batch_size=opts.batch_size, normalize=True)
+                     pooling=pooling, batch_size=opts.batch_size, normalize=True)
     d_emb = ft.embed(model, _encode(em, [data.corpus[d] for d in dids], opts.doc_max_length), pad_id=em.config.pad_id,
-                     pooling="mean", batch_size=opts.batch_size, normalize=True)
+                     pooling=pooling, batch_size=opts.batch_size, normalize=True)
     ranked = rank(q_emb, d_emb, qids, dids, 100)
+    ndcg = [ndcg_at_k(ranked[q], data.qrels[q], 10) for q in qids]
+    recall = [recall_at_k(ranked[q], data.qrels[q], 100) for q in qids]
+    if samples is not None:
+        for q, a, b in zip(qids, ndcg, recall):
+            samples.append({"id": q, "label": {d: s for d, s in data.qrels[q].items() if s > 0}, "prediction": ranked[q][:10],
+                            "metrics": {"ndcg@10": a, "recall@100": b}})
     out = {
-        "ndcg@10": mean([ndcg_at_k(ranked[q], data.qrels[q], 10) for q in qids]),
-        "recall@100": mean([recall_at_k(ranked[q], data.qrels[q], 100) for q in qids]),
+        "ndcg@10": mean(ndcg),
+        "recall@100": mean(recall),
         "finetuned": int(tuned),
         "train_pairs": len(data.train_pairs) if tuned else 0,
+        "hard_negatives": sum(p[2] is not None for p in data.train_pairs) if tuned else 0,
+        "pooling": pooling,
         "n": len(qids),
     }
     notes = []

@@ -7,10 +7,16 @@
   masked in turn, every masked variant of every request batched together), or the joint
   prediction of a fully masked span. MNTP models predict the token at i from output i-1, so
   their scores read the shifted position.
+- :func:`masked_ltr_loglikelihood`: encoders on generative tasks as the Ettin authors score them
+  (the default): left to right, continuation token k read at the first of three [MASK]s (k
+  and two future positions) followed by [SEP], with the context and tokens < k visible and
+  nothing of the continuation after k; MNTP models read one position earlier.
 - :func:`greedy_generate`: decoders, batched greedy decoding with stop strings.
 
-All of them run the prediction head only where a score is read (sparse prediction), so the
-cost is the backbone plus one vocabulary projection per scored token.
+All of them run the prediction head only where a score is read (sparse prediction), and the
+last block only there too (:func:`read_forward`: every position's keys and values, but queries,
+attention output and MLP only at the read positions), so the cost is the backbone minus most of
+its last block plus one vocabulary projection per scored token.
 """
 
 from __future__ import annotations
@@ -72,9 +78,68 @@ def _batches(order: list[int], batch_size: int):
         yield order[i:i + batch_size]
 
 
+def _can_read_sparse(model) -> bool:
+    need = ("embed", "embed_norm", "blocks", "final_norm", "head", "rope_global", "rope_local", "_attention_fns")
+    return all(hasattr(model, n) for n in need) and len(model.blocks) > 0 and all(
+        hasattr(b, n) for b in model.blocks for n in ("is_global", "attn_norm", "qkv", "out", "mlp_norm", "wi", "wo", "heads"))
+
+
+def read_forward(model, x: torch.Tensor, attention_mask: torch.Tensor | None, predict_mask: torch.Tensor) -> torch.Tensor:
+    """``model(x, attention_mask=..., predict_mask=...)`` (logits at the read positions, row-major)
+    with the last block computed only where it is read: its keys and values need every position,
+    its queries, attention output and MLP only the read ones. Same numbers up to float rounding
+    (tested); models without the standard layout take the plain forward."""
+    if not _can_read_sparse(model):
+        return model(x, attention_mask=attention_mask, predict_mask=predict_mask)
+    from ettin.model import attention as A
+    from ettin.model.transformer import _RopeQKV, geglu, linear
+
+    cfg = model.config
+    B, L = x.shape
+    dev = x.device
+    docs = A.fold_padding(None, attention_mask, (B, L), dev)
+    pos = A.positions_from_docs(None, (B, L), dev)
+    h = model.embed_norm(model.embed(x))
+    dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else h.dtype
+    rope_g = model.rope_global.cos_sin(pos, dtype)
+    rope_l = rope_g if cfg.rope_theta_local == cfg.rope_theta_global else model.rope_local.cos_sin(pos, dtype)
+    attend_g, attend_l = model._attention_fns(docs, B, L, dev)
+    for block in model.blocks[:-1]:
+        h = block(h, rope_g, attend_g) if block.is_global else block(h, rope_l, attend_l)
+    last = model.blocks[-1]
+    H = h.shape[-1]
+    D = H // last.heads
+    qkv = linear(last.attn_norm(h), last.qkv.weight).view(B, L, 3, last.heads, D)
+    cos, sin = rope_g if last.is_global else rope_l
+    qkv = _RopeQKV.apply(qkv, cos, sin)
+    b_idx, p_idx = predict_mask.nonzero(as_tuple=True)  # row-major, as boolean indexing orders them
+    q = qkv[b_idx, p_idx, 0][:, :, None]  # [N, heads, 1, D]
+    k = qkv[:, :, 1].transpose(1, 2)[b_idx]  # [N, heads, L, D]
+    v = qkv[:, :, 2].transpose(1, 2)[b_idx]
+    kpos = torch.arange(L, device=dev)[None, :]
+    qpos = p_idx[:, None]
+    allowed = torch.ones(len(b_idx), L, dtype=torch.bool, device=dev)
+    if docs is not None:
+        allowed &= docs[b_idx] == docs[b_idx, p_idx][:, None]
+    if cfg.causal:
+        allowed &= kpos <= qpos
+    if not last.is_global:
+        left, right = cfg.window()
+        allowed &= (qpos - kpos <= left) & (kpos - qpos <= right)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None, None, :]).reshape(len(b_idx), H)
+    hs = h[b_idx, p_idx] + linear(y, last.out.weight)
+    hs = hs + linear(geglu(linear(last.mlp_norm(hs), last.wi.weight)), last.wo.weight)
+    return model.head(model.final_norm(hs))
+
+
 @torch.inference_mode()
-def run_rows(model, rows: list[Row], *, pad_id: int, mask_id: int, batch_size: int) -> list[tuple[float, bool]]:
-    """(sum of target log-probabilities, every target is the argmax) for each row."""
+def run_rows(model, rows: list[Row], *, pad_id: int, mask_id: int, batch_size: int,
+             argmax_out: list | None = None) -> list[tuple[float, bool]]:
+    """(sum of target log-probabilities, every target is the argmax) for each row.
+
+    ``argmax_out``: filled with one list per row, the argmax id at each read position."""
+    if argmax_out is not None:
+        argmax_out[:] = [[] for _ in rows]
     if not rows:
         return []
     dev = next(model.parameters()).device
@@ -106,40 +171,57 @@ def run_rows(model, rows: list[Row], *, pad_id: int, mask_id: int, batch_size: i
         if min(lens) != L:
             am = torch.arange(L)[None, :] < torch.as_tensor(lens)[:, None]
             am = am.to(dev)
-        logits = model(x.to(dev), attention_mask=am, predict_mask=pm.to(dev))
+        logits = read_forward(model, x.to(dev), am, pm.to(dev))
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
         lp = F.log_softmax(logits, dim=-1)
         t = torch.as_tensor(tgts, dtype=torch.long, device=dev)
         tok_lp = lp.gather(1, t[:, None])[:, 0].double().cpu()
-        greedy = (lp.argmax(dim=-1) == t).cpu()
+        best = lp.argmax(dim=-1)
+        greedy = (best == t).cpu()
+        best = best.tolist() if argmax_out is not None else None
         s = 0
         for b, i in enumerate(chunk):
             n = counts[b]
             out[i] = (float(tok_lp[s:s + n].sum()), bool(greedy[s:s + n].all()))
+            if best is not None:
+                argmax_out[i] = best[s:s + n]
             s += n
     return out
 
 
-def _gather(rows: list[Row], results: list[tuple[float, bool]], n: int) -> list[tuple[float, bool]]:
+def _gather(rows: list[Row], results: list[tuple[float, bool]], n: int, argmax: list | None = None,
+            argmax_out: list | None = None) -> list[tuple[float, bool]]:
     acc = [[0.0, True] for _ in range(n)]
-    for r, (lp, g) in zip(rows, results):
+    if argmax_out is not None:
+        argmax_out[:] = [[] for _ in range(n)]
+    for k, (r, (lp, g)) in enumerate(zip(rows, results)):
         acc[r.req][0] += lp
         acc[r.req][1] = acc[r.req][1] and g
+        if argmax_out is not None and argmax is not None:
+            argmax_out[r.req].extend(argmax[k])
     return [(a, b) for a, b in acc]
 
 
+def _run_gather(model, rows: list[Row], n: int, *, pad_id: int, mask_id: int, batch_size: int,
+                argmax_out: list | None) -> list[tuple[float, bool]]:
+    am: list | None = [] if argmax_out is not None else None
+    res = run_rows(model, rows, pad_id=pad_id, mask_id=mask_id, batch_size=batch_size, argmax_out=am)
+    return _gather(rows, res, n, am, argmax_out)
+
+
 def loglikelihood(model, requests: list[tuple[list[int], list[int]]], *, pad_id: int, batch_size: int,
-                  max_length: int) -> list[tuple[float, bool]]:
+                  max_length: int, argmax_out: list | None = None) -> list[tuple[float, bool]]:
     """Decoder: (log P(cont | ctx), greedy) per (ctx ids, cont ids); the sequence is cut from the
-    left to ``max_length`` input tokens, as the harness does."""
+    left to ``max_length`` input tokens, as the harness does. ``argmax_out``: filled with the
+    argmax id at each continuation position, per request (teacher-forced greedy tokens)."""
     rows = []
     for i, (ctx, cont) in enumerate(requests):
         full = (list(ctx) + list(cont))[-(max_length + 1):]
         inp = full[:-1]
         n = min(len(cont), len(inp))
         rows.append(Row(inp, (), tuple(range(len(inp) - n, len(inp))), tuple(full[len(full) - n:]), i))
-    return _gather(rows, run_rows(model, rows, pad_id=pad_id, mask_id=pad_id, batch_size=batch_size), len(requests))
+    return _run_gather(model, rows, len(requests), pad_id=pad_id, mask_id=pad_id, batch_size=batch_size, argmax_out=argmax_out)
 
 
 def _can_pack(model) -> bool:
@@ -282,16 +364,49 @@ def masked_rows(requests: list[tuple[list[int], list[int], list[int]]], *, shift
     return rows
 
 
+LTR_MASKS = 3  # the token itself plus two future positions
+
+
+def ltr_rows(requests: list[tuple[list[int], list[int], list[int]]], *, shift: int, max_length: int,
+             n_masks: int = LTR_MASKS) -> list[Row]:
+    """Rows for :func:`masked_ltr_loglikelihood`: for token k of ``span``, the sequence
+    ``left + span[:k] + [MASK] * n_masks + right``, read at the first mask (``- shift``)."""
+    rows: list[Row] = []
+    for i, (left, span, right) in enumerate(requests):
+        left, span, right = list(left), list(span), list(right)
+        for k, t in enumerate(span):
+            head = left + span[:k]
+            over = len(head) + n_masks + len(right) - max_length
+            if over > 0:  # cut the context from the left, keeping the first ([CLS]) token
+                head = head[:1] + head[1 + over:] if len(head) > over + 1 else head[:1]
+            p = len(head)
+            ids = head + [t] * n_masks + right  # the n_masks placeholders become [MASK] in run_rows
+            rows.append(Row(ids, tuple(range(p, p + n_masks)), (p - shift,), (t,), i))
+    return rows
+
+
+def masked_ltr_loglikelihood(model, requests: list[tuple[list[int], list[int], list[int]]], *, pad_id: int, mask_id: int,
+                             batch_size: int, max_length: int, mntp: bool = False, n_masks: int = LTR_MASKS,
+                             argmax_out: list | None = None) -> list[tuple[float, bool]]:
+    """Encoder: sum over the span's tokens of log P(token k | left, span[:k]) read at the first
+    of ``n_masks`` [MASK]s standing for k and the positions after it, followed by ``right``
+    (usually [SEP]); and whether every token is the argmax. ``mntp``: read at the position
+    before the first mask (MNTP predicts token i from output i-1). One row per span token,
+    every row of every request batched together."""
+    rows = ltr_rows(requests, shift=1 if mntp else 0, max_length=max_length, n_masks=n_masks)
+    return _run_gather(model, rows, len(requests), pad_id=pad_id, mask_id=mask_id, batch_size=batch_size, argmax_out=argmax_out)
+
+
 def masked_loglikelihood(model, requests: list[tuple[list[int], list[int], list[int]]], *, pad_id: int, mask_id: int,
                          batch_size: int, max_length: int, mntp: bool = False, joint: bool = False,
-                         batched: bool = True) -> list[tuple[float, bool]]:
+                         batched: bool = True, argmax_out: list | None = None) -> list[tuple[float, bool]]:
     """Encoder: pseudo-log-likelihood of ``span`` in ``left + span + right`` (each span token
     masked in turn, all variants batched; ``joint``: the whole span masked at once) and whether
     every span token is the argmax. ``mntp``: read the prediction for position i at i-1.
     ``batched=False`` runs one masked variant per forward pass (the slow reference)."""
     rows = masked_rows(requests, shift=1 if mntp else 0, max_length=max_length, joint=joint)
-    res = run_rows(model, rows, pad_id=pad_id, mask_id=mask_id, batch_size=batch_size if batched else 1)
-    return _gather(rows, res, len(requests))
+    return _run_gather(model, rows, len(requests), pad_id=pad_id, mask_id=mask_id,
+                       batch_size=batch_size if batched else 1, argmax_out=argmax_out)
 
 
 @torch.inference_mode()

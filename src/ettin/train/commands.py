@@ -34,6 +34,7 @@ def _register_train(app: typer.Typer) -> None:
             return _print_plan(recipe, set_)
         if kind is not None and kind not in ("encoder", "decoder"):
             raise EttinError(f"--kind must be 'encoder' or 'decoder', got '{kind}'")
+        _check_max_steps(max_steps)
         res = run_train(recipe, out, overrides=set_, max_steps=max_steps, progress=not no_progress, kind=kind)
         _summary(res)
 
@@ -51,6 +52,7 @@ def _register_train(app: typer.Typer) -> None:
 
         if plan:
             return _print_plan(recipe, set_)
+        _check_max_steps(max_steps)
         res = run_train(recipe, out, overrides=set_, max_steps=max_steps, progress=not no_progress, pair=True)
         _summary(res)
 
@@ -88,6 +90,13 @@ def _register_train(app: typer.Typer) -> None:
                 typer.echo(tok.decode(row, skip_special_tokens=False))
 
 
+def _check_max_steps(max_steps) -> None:
+    if max_steps is not None:
+        from ettin.validate import MAX_TOKENS, check_int
+
+        check_int("--max-steps", max_steps, 1, MAX_TOKENS)
+
+
 def _print_plan(recipe: Path, overrides) -> None:
     """Steps and tokens per step of each stage (``tokens_per_sample: auto`` measured on the data)."""
     from ettin.train import budget
@@ -123,5 +132,6 @@ def register_convert(app: typer.Typer) -> None:
         """Cross-objective continued training: weights only, attention direction switched, fresh schedule."""
         from ettin.convert.objective import convert as run_convert
 
+        _check_max_steps(max_steps)
         res = run_convert(checkpoint, objective, recipe, out, force=force, overrides=set_, max_steps=max_steps, progress=not no_progress)
         _summary(res)

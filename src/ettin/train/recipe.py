@@ -252,6 +252,9 @@ def parse_set(items: list[str] | None) -> list[tuple[str, object]]:
 
 
 def _check_stage(stage: Stage, source: str) -> Stage:
+    from ettin.validate import check_stage_values
+
+    check_stage_values(stage, source)
     t, o = stage.train, stage.optim
     if t.tokens <= 0:
         raise EttinError(f"{source}: 'train.tokens' must be positive")
@@ -330,7 +333,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> list[St
         if extra:
             raise EttinError(f"{path}: a multi-stage recipe has only 'stages', found '{sorted(extra)[0]}'")
         entries = []
-        for i, item in enumerate(raw["stages"] or []):
+        if not isinstance(raw["stages"], list):
+            raise EttinError(f"{path}: 'stages' must be a list of file names or mappings, got {raw['stages']!r}")
+        for i, item in enumerate(raw["stages"]):
             if isinstance(item, str):
                 sub = path.parent / item
                 d = _load_yaml(sub)
