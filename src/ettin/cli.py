@@ -145,7 +145,7 @@ def _flush_stdout() -> str | None:
             os.dup2(devnull, sys.stdout.fileno())
         except (OSError, ValueError):
             pass
-        return f"stdout: {_os_error(e)}"
+        return "" if isinstance(e, BrokenPipeError) else f"stdout: {_os_error(e)}"  # a closed pipe (| head): silent
     except ValueError:
         return None
     return None
@@ -186,6 +186,9 @@ def main() -> None:
         msg, code = _one_line(e), 1
     except KeyboardInterrupt:
         msg, code = "interrupted", 130
+    except BrokenPipeError:  # the reader went away (| head): nothing to tell it
+        code = 1
+        _flush_stdout()
     except OSError as e:
         msg, code = _os_error(e), 1
     except MemoryError:
@@ -203,7 +206,7 @@ def main() -> None:
     err = _flush_stdout()
     if msg is None and err is not None:
         msg, code = err, 1
-    if msg is not None:
+    if msg:
         try:
             typer.echo(f"error: {msg}" if msg != "interrupted" else msg, err=True)
         except OSError:

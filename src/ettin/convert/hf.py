@@ -510,7 +510,7 @@ def read_hf_config(hf_dir: str | Path) -> dict:
         raise EttinError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
     try:
         data = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise EttinError(f"{p}: invalid JSON ({e})") from None
     if not isinstance(data, dict):
         raise EttinError(f"{p}: expected a JSON object")
@@ -523,7 +523,7 @@ def _read_tokenizer_json(hf_dir: Path) -> dict | None:
         return None
     try:
         return json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise EttinError(f"{p}: invalid JSON ({e})") from None
 
 

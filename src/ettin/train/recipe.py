@@ -319,6 +319,8 @@ def _load_yaml(path: Path) -> dict:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
         raise EttinError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    except RecursionError:
+        raise EttinError(f"{path}: invalid YAML (nested too deeply)") from None
     if not isinstance(data, dict):
         raise EttinError(f"{path}: a recipe must be a mapping")
     return data

@@ -281,7 +281,10 @@ class Learner:
     def save(self, plan: StepPlan, stage_done: bool, data_fingerprint: str) -> Path:
         state = D.full_model_state(self.wrapped, self.d)
         osd = D.full_optim_state(self.wrapped, self.optim, self.d)
+        bad = torch.zeros((), device=self.d.device)  # rank 0 holds the gathered state; every rank learns the verdict
         if self.d.is_main and not (_all_finite(state.values()) and _all_finite(v for st in osd["state"].values() for v in st.values())):
+            bad += 1
+        if self.d.all_reduce_sum(bad).item() > 0:
             raise EttinError(
                 f"step {plan.step}: {self.kind} weights or optimizer state are not finite (NaN/Inf) after this step; "
                 f"checkpoint not written ({last_good_text(self.run, plan.step)}); try a lower optim.lr or set optim.grad_clip"
