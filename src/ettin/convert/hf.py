@@ -650,13 +650,13 @@ def _build(config: ModelConfig, state: dict[str, torch.Tensor]):
             model = Transformer(config, init=False)
         model = model.to_empty(device="cpu")
         model.load_state_dict(state, strict=True)
-        return model
+        return model.eval()  # inference mode: no attention-output dropout
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = Transformer(config)
     result = model.load_state_dict(state, strict=False)
     assert set(result.missing_keys) <= set(HEAD_KEYS) and not result.unexpected_keys, result
-    return model
+    return model.eval()
 
 
 def load_hf_as_model(hf_dir: str | Path):
