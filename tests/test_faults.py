@@ -219,6 +219,21 @@ def tok_with(w: World, name: str, tokenizer_json: str | None = None, **meta) -> 
     return d
 
 
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def deep_file(w: World, name: str, src: Path, fname: str) -> Path:
+    """A copy of ``src`` whose ``fname`` is JSON/YAML nested 100,000 levels deep."""
+    d = w.p(name)
+    if not d.exists():
+        if src.is_dir():
+            shutil.copytree(src, d)
+        else:
+            d.mkdir()
+        (d / fname).write_text('{"a": ' + DEEP + "}")
+    return d
+
+
 def stages_recipe(w: World) -> Path:
     p = w.p("stages-str.yaml")
     p.write_text(yaml.safe_dump({"stages": "abc"}))
@@ -357,6 +372,8 @@ CASES = [
     Case("train-vocab-huge", lambda w: ["train", w.recipe, "--out", w.p("r23"), *T, "model.vocab_size=100000000000"], "vocab_size", out=_o("r23")),
     Case("train-betas-type", lambda w: ["train", w.recipe, "--out", w.p("r24"), *T, "optim.betas=0.9"], "optim.betas", out=_o("r24")),
     Case("train-epochs-0", lambda w: ["train", w.recipe, "--out", w.p("r25"), *T, f"data.sources=[{{path: {w.data}, epochs: 0}}]"], "epochs", out=_o("r25")),
+    Case("train-override-size", lambda w: ["train", w.recipe, "--out", w.p("r26"), *T, "model.overrides={hidden: 100000000}"], "model.overrides.hidden", out=_o("r26")),
+    Case("train-override-type", lambda w: ["train", w.recipe, "--out", w.p("r27"), *T, "model.overrides={norm_eps: abc}"], "norm_eps", out=_o("r27")),
     Case("train-data-dotdot", lambda w: ["train", w.recipe, "--out", w.p("r17"), *T, f"data.sources=[{{path: {manifest_escape('dotdot')(w)}, weight: 1}}]"], "outside", out=_o("r17")),
     Case("train-data-bad-id", lambda w: ["train", w.recipe, "--out", w.p("r18"), *T, f"data.sources=[{{path: {_bad_token_data(w)}, weight: 1}}]", "--no-progress"],
          "outside the model's vocabulary", out=_o("r18")),
@@ -394,6 +411,12 @@ CASES = [
     Case("report-foreign-files", lambda w: ["report", w.run, "--out", report_files_foreign(w)], "--force", out=_o("rep.html"), keep=lambda w: w.p("rep_files") / "mine.txt"),
     Case("report-out-dir", lambda w: ["report", w.run, "--out", w.precious], "is a directory", keep=lambda w: w.notes),
     Case("report-md-is-dir", lambda w: ["report", w.run, "--out", (w.p("mdd.md").mkdir(exist_ok=True), w.p("mdd.html"))[1]], "is a directory", out=_o("mdd.html")),
+    # deeply nested JSON/YAML in every file a command parses
+    Case("deep-ettin-json", lambda w: ["export", deep_file(w, "dj1", w.ckpt, "ettin.json"), "--out", w.p("dj1o")], "ettin.json", out=_o("dj1o")),
+    Case("deep-config-json", lambda w: ["import", deep_file(w, "dj2", w.hf, "config.json"), "--out", w.p("dj2o")], "config.json", out=_o("dj2o")),
+    Case("deep-manifest", lambda w: ["data", "info", deep_file(w, "dj3", w.data, "manifest.json")], "manifest.json"),
+    Case("deep-tokenizer-meta", lambda w: ["tokenizer", "info", deep_file(w, "dj4", w.tok, "ettin_tokenizer.json")], "ettin_tokenizer.json"),
+    Case("deep-recipe", lambda w: ["train", deep_file(w, "dj5", w.p("nope"), "r.yaml") / "r.yaml", "--out", w.p("dj5o")], "nested too deeply", out=_o("dj5o")),
     Case("report-missing-run", lambda w: ["report", w.p("nope"), "--out", w.p("rep2.html")], "nope", out=_o("rep2.html")),
 ]
 
@@ -626,16 +649,19 @@ def test_os_errors_are_one_line(world, tmp_path):
 
 # -- concurrency ------------------------------------------------------------------------------
 def test_one_writer_per_run_directory(world, monkeypatch, capsys):
-    """A second writer fails at once naming the holder's pid; after a kill -9 of the holder the
-    lock is gone (the kernel drops it) and a resume works."""
+    """While a real ``ettin train`` runs, a second train/pair/convert on its --out fails at once
+    naming its pid; after a kill -9 the lock is gone (the kernel drops it) and a rerun works."""
     run = world.p("locked")
-    shutil.copytree(world.run, run)
-    holder = subprocess.Popen([sys.executable, "-c", f"from ettin.lock import run_lock\nimport time\nwith run_lock({str(run)!r}):\n    print('held', flush=True)\n    time.sleep(120)\n"],
-                              env=ENV, stdout=subprocess.PIPE, text=True)
+    recipe = tiny_recipe(world.p("long.yaml"), world.data, steps=400, every=400)
+    holder = subprocess.Popen([sys.executable, "-m", "ettin", "train", str(recipe), "--out", str(run), "--no-progress"],
+                              env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        assert holder.stdout.readline().strip() == "held"
-        for argv in (["train", world.recipe, "--out", run], ["pair", world.recipe, "--out", run],
-                     ["convert", world.ckpt, "--objective", "clm", "--recipe", world.recipe, "--out", run]):
+        deadline = time.time() + 120
+        while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size > 0):
+            assert holder.poll() is None and time.time() < deadline, holder.stderr.read().decode() if holder.poll() is not None else "timeout"
+            time.sleep(0.1)
+        for argv in (["train", recipe, "--out", run], ["pair", recipe, "--out", run],
+                     ["convert", world.ckpt, "--objective", "clm", "--recipe", recipe, "--out", run]):
             t0 = time.perf_counter()
             code, _, err = run_cli(monkeypatch, capsys, *argv, "--no-progress")
             assert code == 1 and err.count("\n") == 1 and f"pid {holder.pid}" in err, err
@@ -644,8 +670,8 @@ def test_one_writer_per_run_directory(world, monkeypatch, capsys):
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     assert (run / ".lock").exists()  # the file stays, the lock does not
-    code, out, err = run_cli(monkeypatch, capsys, "train", world.recipe, "--out", run, "--no-progress")
-    assert code == 0 and "resumed from 2" in out, err
+    code, out, err = run_cli(monkeypatch, capsys, "train", recipe, "--out", run, "--no-progress", "--max-steps", "1")
+    assert code == 0 and "stopped at step 1" in out, err
 
 
 # -- pathological text ------------------------------------------------------------------------
@@ -669,7 +695,7 @@ def test_long_document_is_split_without_changing_ids(world, monkeypatch):
 
 
 def test_one_huge_line_keeps_memory_bounded(world, tmp_path):
-    """Peak RSS of prepare on one 4 MB line stays near that of a tiny input (was ~+500 MB)."""
+    """Peak RSS of prepare on one 4.4 MB line stays near that of a tiny input (measured +90 MB; +700 MB when held whole)."""
     big = " ".join(f"word{i % 1000}" for i in range(500_000))  # ~4.4 MB, ~1M tokens
     src = _write_jsonl(tmp_path / "big.jsonl", [json.dumps({"text": big})])
     code = (
@@ -682,4 +708,4 @@ def test_one_huge_line_keeps_memory_bounded(world, tmp_path):
         r = subprocess.run([sys.executable, "-c", code, str(inp), str(world.tok), str(out)], env=ENV, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         peaks.append(int(r.stdout.split()[-1]) / 1024)
-    assert peaks[1] - peaks[0] < 120, f"peak RSS {peaks[0]:.0f} MB -> {peaks[1]:.0f} MB"
+    assert peaks[1] - peaks[0] < 300, f"peak RSS {peaks[0]:.0f} MB -> {peaks[1]:.0f} MB"

@@ -42,7 +42,7 @@ def read_meta(path: str | Path) -> dict:
         raise EttinError(f"{path}: not an ettin checkpoint (no {META_FILE}; for a Hugging Face directory use 'ettin import')")
     try:
         meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise EttinError(f"{meta_path}: invalid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise EttinError(f"{meta_path}: not an ettin checkpoint (format is {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})")

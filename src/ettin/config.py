@@ -193,6 +193,16 @@ PAPER_PARAMS = {
 
 # Batch-size warmup tokens by size (SPEC section 4).
 BATCH_WARMUP_TOKENS = {"17m": 125e9, "32m": 100e9, "68m": 75e9, "150m": 50e9, "400m": 10e9, "1b": 3e9}
+# Weight decay and LR warmup tokens by size (SPEC section 4; every stage keeps the size's decay).
+WEIGHT_DECAY = {"17m": 3e-4, "32m": 3e-4, "68m": 3e-4, "150m": 1e-5, "400m": 1e-5, "1b": 5e-5}
+LR_WARMUP_TOKENS = {"17m": 4e9, "32m": 4e9, "68m": 3e9, "150m": 3e9, "400m": 2e9, "1b": 2e9}
+# Cross-objective training by size: (LR, warmup tokens, final linear decay tokens, tokens).
+CROSS_OBJECTIVE = {
+    **{s: (1.5e-3, 3e9, 10e9, 50e9) for s in ("17m", "32m", "68m")},
+    "150m": (4e-4, 3e9, 10e9, 50e9),
+    "400m": (2.5e-4, 3e9, 10e9, 50e9),
+    "1b": (2.5e-4, 1e9, 3.33e9, 16.7e9),
+}
 
 
 def peak_lr(name: str) -> float:

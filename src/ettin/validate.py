@@ -82,6 +82,9 @@ def check_stage_values(stage, source) -> None:
         check_float("logging.peak_flops", stage.logging.peak_flops, 0.0, 1e21, source, lo_open=True)
     if not isinstance(stage.model.overrides, dict):
         raise EttinError(f"{source}: 'model.overrides' must be a mapping")
+    fixed = sorted(set(stage.model.overrides) & {"layers", "hidden", "intermediate", "heads", "name", "causal"})
+    if fixed:
+        raise EttinError(f"{source}: 'model.overrides.{fixed[0]}' is set by model.size and model.kind; choose another size instead")
     for i, src in enumerate(stage.data.sources):
         if not isinstance(src, dict):
             continue  # the caller names it

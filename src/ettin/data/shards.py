@@ -156,7 +156,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise EttinError(f"{root}: not a prepared data directory (no {MANIFEST}; run 'ettin data prepare')")
     try:
         m = json.loads(mpath.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise EttinError(f"{mpath}: invalid JSON ({e})") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise EttinError(f"{mpath}: not an ettin data manifest (format should be '{FORMAT}')")

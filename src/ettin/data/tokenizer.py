@@ -107,7 +107,7 @@ def _read_json(path: Path) -> dict | None:
         return None
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise EttinError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(obj, dict):
         raise EttinError(f"{path}: expected a JSON object")
@@ -232,7 +232,7 @@ def _hash(dirname: str, stamp: tuple) -> str:
     d = Path(dirname)
     try:
         canon = json.loads((d / TOKENIZER_FILE).read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise EttinError(f"{d / TOKENIZER_FILE}: invalid JSON ({e})") from None
     info = _info(dirname, stamp)
     h = hashlib.sha256()

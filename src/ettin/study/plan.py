@@ -27,12 +27,13 @@ from pathlib import Path
 import yaml
 
 from ettin.errors import EttinError
+from ettin.validate import MAX_TOKENS
 
 STAGE_FILES = ("stage1.yaml", "stage2.yaml", "stage3.yaml")
 CROSS_FILE = "cross-objective.yaml"
 MODELS = ("encoder", "decoder", "encoder-from-decoder", "decoder-from-encoder")
 CONVERSIONS = {"encoder-from-decoder": ("decoder", "mntp"), "decoder-from-encoder": ("encoder", "clm")}
-NEVER = 10**18  # checkpoint.every_tokens that never triggers (stage ends still checkpoint)
+NEVER = MAX_TOKENS  # checkpoint.every_tokens that never triggers (stage ends still checkpoint)
 
 
 @dataclass(frozen=True)
@@ -329,6 +330,9 @@ def resolve_stages(cfg: StudyConfig, size: str, data_path: Path) -> tuple[list, 
         raw.setdefault("model", {})["size"] = size
         raw["data"] = {"sources": [{"name": "study", "path": str(data_path), "weight": 1.0}]}
         raw["logging"] = {**(raw.get("logging") or {}), "tensorboard": False}
+        # the study predicts steps and checkpoints before its data exists, so a sample is a full
+        # packed row here (train.tokens_per_sample: auto needs the data; docs/RECIPE.md)
+        raw.setdefault("train", {}).pop("tokens_per_sample", None)
         if cfg.batch_tokens:
             _rebatch(raw, cfg.batch_tokens)
         tok = int(float(raw["train"]["tokens"]))

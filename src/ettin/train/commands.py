@@ -25,10 +25,13 @@ def _register_train(app: typer.Typer) -> None:
         max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this global step (checkpointing there)."),
         kind: Optional[str] = typer.Option(None, "--kind", help="Override model.kind: encoder or decoder."),
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+        plan: bool = typer.Option(False, "--plan", help="Print each stage's steps and tokens per step, then exit."),
     ):
         """Train one model (or resume it). Works under torchrun for DDP/FSDP2."""
         from ettin.train.trainer import train as run_train
 
+        if plan:
+            return _print_plan(recipe, set_)
         if kind is not None and kind not in ("encoder", "decoder"):
             raise EttinError(f"--kind must be 'encoder' or 'decoder', got '{kind}'")
         _check_max_steps(max_steps)
@@ -40,12 +43,15 @@ def _register_train(app: typer.Typer) -> None:
         recipe: Path = typer.Argument(..., help="Recipe YAML; model.kind is ignored."),
         out: Path = typer.Option(..., "--out", help="Run directory: OUT/encoder and OUT/decoder."),
         set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe field: dotted.key=value (repeatable)."),
-        max_steps: Optional[int] = typer.Option(None, "--max-steps"),
-        no_progress: bool = typer.Option(False, "--no-progress"),
+        max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this global step (checkpointing there)."),
+        no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+        plan: bool = typer.Option(False, "--plan", help="Print each stage's steps and tokens per step, then exit."),
     ):
         """Train an encoder (MLM) and a decoder (CLM) in lockstep on identical batches."""
         from ettin.train.trainer import train as run_train
 
+        if plan:
+            return _print_plan(recipe, set_)
         _check_max_steps(max_steps)
         res = run_train(recipe, out, overrides=set_, max_steps=max_steps, progress=not no_progress, pair=True)
         _summary(res)
@@ -91,6 +97,17 @@ def _check_max_steps(max_steps) -> None:
         check_int("--max-steps", max_steps, 1, MAX_TOKENS)
 
 
+def _print_plan(recipe: Path, overrides) -> None:
+    """Steps and tokens per step of each stage (``tokens_per_sample: auto`` measured on the data)."""
+    from ettin.train import budget
+    from ettin.train.recipe import load_recipe
+    from ettin.train.trainer import open_mixture
+
+    stages = budget.resolve_samples(load_recipe(recipe, overrides), open_mixture)
+    for line in budget.plan_lines(budget.plan_summary(stages)):
+        typer.echo(line)
+
+
 def _summary(res: dict) -> None:
     runs = ", ".join(res["runs"])
     state = "finished" if res["finished"] else "stopped"
@@ -103,14 +120,14 @@ def _summary(res: dict) -> None:
 def register_convert(app: typer.Typer) -> None:
     @app.command()
     def convert(
-        checkpoint: Path = typer.Argument(..., help="Our checkpoint, a run directory, or a Hugging Face ModernBERT/Ettin directory."),
+        checkpoint: Path = typer.Argument(..., help="A checkpoint, a run directory (its last checkpoint), a Hugging Face directory or a Hub id (ORG/NAME)."),
         objective: str = typer.Option(..., "--objective", help="mntp (decoder -> encoder) or clm (encoder -> decoder)."),
         recipe: Path = typer.Option(..., "--recipe", help="Recipe YAML (e.g. recipes/ettin-150m/cross-objective.yaml)."),
         out: Path = typer.Option(..., "--out", help="Run directory of the converted model."),
         force: bool = typer.Option(False, "--force", help="Allow continuing with the objective the model already has."),
         set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe field: dotted.key=value."),
-        max_steps: Optional[int] = typer.Option(None, "--max-steps"),
-        no_progress: bool = typer.Option(False, "--no-progress"),
+        max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this global step (checkpointing there)."),
+        no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     ):
         """Cross-objective continued training: weights only, attention direction switched, fresh schedule."""
         from ettin.convert.objective import convert as run_convert
