@@ -56,24 +56,7 @@ def prepare(tasks, data_dir, split: str, opts: EvalOptions) -> list[tuple[TaskSp
 def run_prepared(em: EvalModel, prepared: list[tuple[TaskSpec, object]], opts: EvalOptions,
                  on_task: Callable[[str, dict, float], None] | None = None, samples: list | None = None) -> dict[str, dict]:
     """``{task: result}``; ``samples``: a list that gets one dict per example and task (see above)."""
-<<<<<<< HEAD
     from ettin.model.cpu import precision_context
-
-    results: dict[str, dict] = {}
-    for spec, data in prepared:
-        t0 = time.perf_counter()
-        tuned = spec.family in FINE_TUNED and opts.finetune
-        with precision_context("fp32" if tuned else opts.precision, opts.device):
-            if samples is None:
-                res = spec.module.run(em, spec, data, opts)
-            else:
-                got: list[dict] = []
-                res = spec.module.run(em, spec, data, opts, samples=got)
-                samples.extend({"task": spec.name, **r} for r in got)
-        results[spec.name] = res
-        if on_task is not None:
-            on_task(spec.name, res, time.perf_counter() - t0)
-=======
     from ettin.progress import progress
 
     results: dict[str, dict] = {}
@@ -84,12 +67,14 @@ def run_prepared(em: EvalModel, prepared: list[tuple[TaskSpec, object]], opts: E
             for spec, data in prepared:
                 bar.update(desc=f"eval {label}: {spec.name}")
                 t0 = time.perf_counter()
-                if samples is None:
-                    res = spec.module.run(em, spec, data, opts)
-                else:
-                    got: list[dict] = []
-                    res = spec.module.run(em, spec, data, opts, samples=got)
-                    samples.extend({"task": spec.name, **r} for r in got)
+                tuned = spec.family in FINE_TUNED and opts.finetune  # fine-tuning stays fp32 on a CPU
+                with precision_context("fp32" if tuned else opts.precision, opts.device):
+                    if samples is None:
+                        res = spec.module.run(em, spec, data, opts)
+                    else:
+                        got: list[dict] = []
+                        res = spec.module.run(em, spec, data, opts, samples=got)
+                        samples.extend({"task": spec.name, **r} for r in got)
                 results[spec.name] = res
                 bar.advance(1)
                 if on_task is not None:
@@ -97,7 +82,6 @@ def run_prepared(em: EvalModel, prepared: list[tuple[TaskSpec, object]], opts: E
         finally:
             if handle is not None:
                 handle.remove()
->>>>>>> main
     return results
 
 

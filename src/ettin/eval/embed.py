@@ -83,13 +83,8 @@ def write_npy(path: Path, arr: np.ndarray) -> None:
 
 
 def run(model_path: Path, input_path: Path, out: Path, *, field: str, pooling: str | None, max_length: int, normalize: bool,
-<<<<<<< HEAD
         device: str, strategy: str, token_budget: int, console, precision: str | None = None) -> dict:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-=======
-        device: str, strategy: str, token_budget: int, console) -> dict:
     from ettin.progress import progress
->>>>>>> main
 
     from ettin.eval.loading import load_for_eval
 
@@ -115,11 +110,7 @@ def run(model_path: Path, input_path: Path, out: Path, *, field: str, pooling: s
             bar.advance(n, tok_s=f"{tokens / max(1e-9, time.perf_counter() - t0):,.0f}")
 
         arr = embed_texts(em, texts, pooling=pooling, max_length=max_length, normalize=normalize, strategy=strategy,
-<<<<<<< HEAD
-                          token_budget=token_budget, on_progress=progress, precision=precision)
-=======
-                          token_budget=token_budget, on_progress=on_progress)
->>>>>>> main
+                          token_budget=token_budget, on_progress=on_progress, precision=precision)
     secs = time.perf_counter() - t0
     write_npy(out, arr)
     return {"model": em.name, "texts": len(texts), "tokens": tokens, "seconds": round(secs, 2),
