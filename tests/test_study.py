@@ -55,6 +55,11 @@ def test_perplexity_is_recomputed_from_summed_nll_over_tokens():
     iv = stats.interval(samples, "perplexity", n_boot=500)
     assert iv["value"] == pytest.approx(math.exp(sum(nll) / sum(tok)))
     assert iv["ci"][0] <= iv["value"] <= iv["ci"][1]
+    bpb = [dict(x, bytes=b * 3) for x, b in zip(samples, tok)]
+    assert stats.interval(bpb, "bits_per_byte")["value"] == pytest.approx(sum(nll) / (3 * sum(tok)) / math.log(2))
+    # LAMBADA: per-example nll only, perplexity = exp(mean nll)
+    lam = [{"task": "l", "id": str(i), "metrics": {"acc": 0.0, "nll": a}} for i, a in enumerate(nll)]
+    assert stats.interval(lam, "perplexity")["value"] == pytest.approx(math.exp(sum(nll) / 3))
 
 
 def test_corpus_metrics_from_labels_and_predictions():
