@@ -3,12 +3,19 @@
 1. Encoder masked scoring (pseudo-log-likelihood): every masked variant of every choice batched
    together vs one masked variant per forward pass (same code path, batch size 1; and the naive
    form that also projects every position onto the vocabulary). Same numbers, different speed.
-2. A model of the given size (default 17m, vocabulary 50,368) evaluated on every multiple-choice
+2. Encoder pseudo-perplexity on WikiText-2 (``--parts wikitext``) with a demo-size encoder (the
+   ``tiny`` preset, vocabulary 2,048, as ``ettin demo`` trains): before = one masked copy per
+   forward pass through the full model (how the issue found it), after = ``--batch-size``
+   masked copies per forward pass with the last block run only at the read positions
+   (:func:`ettin.eval.scoring.read_forward`); the middle column separates the two effects.
+   Same numbers (max |diff| printed), interleaved repeats in one process, median times.
+3. A model of the given size (default 17m, vocabulary 50,368) evaluated on every multiple-choice
    validation set of the data directory: time per task and in total (``--limit`` per task if the
    full run is too long for the machine).
 
     python bench/eval_speed.py --data ../shared/data                   # both parts
     python bench/eval_speed.py --data ../shared/data --mc-limit 200 --kinds decoder,encoder
+    python bench/eval_speed.py --data ../shared/data --parts wikitext --wikitext-tokens 508
 
 Weights are random (speed does not depend on them); the tokenizer is a byte-level BPE trained
 here on a slice of the pretraining sample, with the model vocabulary kept at ModernBERT's 50,368
@@ -103,6 +110,59 @@ def bench_pll(args, tok_dir: Path) -> dict:
     }
 
 
+def bench_wikitext(args, tok_dir: Path) -> dict:
+    """Pseudo-perplexity of the first ``--wikitext-tokens`` tokens of WikiText-2 (chunks of 254
+    tokens framed by [CLS]/[SEP], as ``ettin eval`` scores it): before vs after, same process."""
+    import statistics
+
+    from ettin.eval import EvalModel, lm, scoring
+
+    tok_dir = train_tok(args.data, tok_dir.parent / "tok2048", 2048)  # the demo's vocabulary size
+    model = build("tiny", "encoder", tok_dir, 2048)
+    em = EvalModel.from_model(model, tok_dir)
+    cfg = model.config
+    with open(args.data / "lm_eval" / "wikitext2" / "validation.jsonl", encoding="utf-8") as fh:
+        text = " ".join(json.loads(line)["text"] for line in fh if json.loads(line)["text"].strip())
+    ids = em.tokenizer.encode(text[: args.wikitext_tokens * 20])[: args.wikitext_tokens]
+    chunk = 254
+    reqs = [([cfg.cls_id], ids[s:s + chunk], [cfg.sep_id]) for s in range(0, len(ids), chunk)]
+    kw = dict(pad_id=cfg.pad_id, mask_id=cfg.mask_id, max_length=chunk + 2)
+    sparse = scoring.read_forward
+
+    def full(m, x, am, pm):  # the plain forward (every position through every block)
+        return m(x, attention_mask=am, predict_mask=pm)
+
+    def run(bs: int, read_sparse: bool):
+        scoring.read_forward = sparse if read_sparse else full
+        try:
+            t0 = time.perf_counter()
+            res = scoring.masked_loglikelihood(model, reqs, batch_size=bs, **kw)
+            return time.perf_counter() - t0, sum(ll for ll, _ in res)
+        finally:
+            scoring.read_forward = sparse
+
+    run(args.batch_size, True)  # warm-up
+    times = {"before": [], "batched": [], "after": []}
+    lls = {}
+    for _ in range(args.repeats):
+        for name, bs, rs in (("before", 1, False), ("batched", args.batch_size, False), ("after", args.batch_size, True)):
+            t, ll = run(bs, rs)
+            times[name].append(t)
+            lls[name] = ll
+    med = {k: statistics.median(v) for k, v in times.items()}
+    n = len(ids)
+    return {
+        "model": "tiny encoder (demo size), vocabulary 2048", "params": sum(p.numel() for p in model.parameters()),
+        "tokens": n, "masked_copies": n, "copy_length": chunk + 2, "batch_size": args.batch_size, "repeats": args.repeats,
+        "before_s": round(med["before"], 3), "batched_full_forward_s": round(med["batched"], 3), "after_s": round(med["after"], 3),
+        "copies_per_s_before": round(n / med["before"], 1), "copies_per_s_after": round(n / med["after"], 1),
+        "ratio_after_vs_before": round(med["before"] / med["after"], 2),
+        "ratio_batching_only": round(med["before"] / med["batched"], 2),
+        "pseudo_perplexity": lm._exp(-lls["after"] / n),
+        "max_abs_diff_total_ll": max(abs(lls["after"] - lls["before"]), abs(lls["batched"] - lls["before"])),
+    }
+
+
 def bench_mc(args, tok_dir: Path, kind: str) -> dict:
     from ettin.eval import EvalModel, EvalOptions, prepare, run_prepared
 
@@ -132,7 +192,9 @@ def main() -> None:
     ap.add_argument("--pll-items", type=int, default=25, help="arc_easy items for the masked-scoring comparison")
     ap.add_argument("--mc-limit", type=int, default=None, help="examples per mc task (default: all)")
     ap.add_argument("--kinds", default="decoder", help="which sides run part 2: decoder, encoder or both")
-    ap.add_argument("--parts", default="pll,mc")
+    ap.add_argument("--parts", default="pll,mc", help="comma list of pll, wikitext, mc")
+    ap.add_argument("--wikitext-tokens", type=int, default=508, help="WikiText-2 tokens (masked copies) for the wikitext part")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the wikitext part (median)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -152,6 +214,13 @@ def main() -> None:
                   f"batched {r['batched_s']}s, one at a time {r['one_at_a_time_sparse_head_s']}s "
                   f"({r['speedup_vs_one_at_a_time']}x), naive full logits {r['one_at_a_time_full_logits_s']}s "
                   f"({r['speedup_vs_naive']}x); max |diff| {r['max_abs_diff']:.2e}", flush=True)
+        if "wikitext" in args.parts:
+            out["wikitext_pseudo_perplexity"] = r = bench_wikitext(args, tok_dir)
+            print(f"WikiText-2 pseudo-perplexity, {r['model']}, {r['tokens']} masked copies of {r['copy_length']} tokens: "
+                  f"before (one copy per forward, full model) {r['before_s']}s, batched {r['batched_full_forward_s']}s, "
+                  f"after (batch {r['batch_size']} + last block at read positions) {r['after_s']}s: "
+                  f"{r['ratio_after_vs_before']}x ({r['ratio_batching_only']}x from batching alone); "
+                  f"max |diff| of the total log-likelihood {r['max_abs_diff_total_ll']:.2e}", flush=True)
         if "mc" in args.parts:
             out["mc"] = []
             for kind in [k.strip() for k in args.kinds.split(",") if k.strip()]:

@@ -186,3 +186,61 @@ def test_gotcha_decoder_lowest_per_token_perplexity(dec, data):
             per_tok.append(sum(lp[i, ids[i + 1]].item() for i in range(len(ids) - 1)) / (len(ids) - 1))
         assert max(abs(a - b) for a, b in zip(s["scores"], per_tok)) < 1e-5
         assert s["prediction"] == ("male", "female", "neutral")[max(range(3), key=lambda j: per_tok[j])]
+
+
+# -- cost: --limit bounds perplexity tasks, masked copies are batched -------------------------------
+def test_limit_bounds_perplexity_tokens(enc, dec, tmp_path):
+    from ettin.eval import lm
+
+    long_text = " ".join(["The cat sat on the mat and looked at the dog."] * 30)
+    task = tmp_path / "lm_eval" / "longdoc"
+    task.mkdir(parents=True)
+    (task / "validation.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in (long_text, long_text, "A dog ran.")))
+    n_tok = len(enc.tokenizer.encode(long_text))
+    assert n_tok > 100
+    for em in (dec, enc):
+        full = evaluate(em, "longdoc", tmp_path)["longdoc"]
+        assert full["tokens"] == 2 * n_tok + len(em.tokenizer.encode("A dog ran.")) and "note" not in full
+        cut = evaluate(em, "longdoc", tmp_path, limit=2, max_length=40)["longdoc"]
+        assert cut["n"] == 2 and cut["tokens"] == 80
+        assert "first 2 documents" in cut["note"] and "40 tokens" in cut["note"]
+    # the cut document is scored exactly as if it were the whole text
+    ids = enc.tokenizer.encode(long_text)[:40]
+    ref = lm._perplexity(enc, [{"text": enc.tokenizer.decode(ids), "_id": 1}], EvalOptions(max_length=40))
+    got = lm._perplexity(enc, [{"text": long_text, "_id": 1}], EvalOptions(limit=1, max_length=40))
+    assert enc.tokenizer.encode(enc.tokenizer.decode(ids)) == ids
+    assert abs(ref["pseudo_perplexity"] - got["pseudo_perplexity"]) < 1e-9 * ref["pseudo_perplexity"]
+
+
+def test_batched_pseudo_perplexity_equals_one_copy_per_forward(enc):
+    from ettin.eval import lm
+
+    text = [{"text": " ".join(["The cat sat on the mat and looked at the dog."] * 6), "_id": 1},
+            {"text": "A dog ran in the park with a red ball.", "_id": 2}]
+    one = lm._perplexity(enc, text, EvalOptions(batch_size=1, pll_window=24))
+    many = lm._perplexity(enc, text, EvalOptions(batch_size=64, pll_window=24))
+    assert one["tokens"] == many["tokens"] > 60
+    for k in ("pseudo_perplexity", "pseudo_bits_per_byte"):
+        assert abs(one[k] - many[k]) <= 1e-5 * abs(one[k])
+
+
+@pytest.mark.parametrize("kind,size", [("encoder", "tiny"), ("decoder", "tiny"), ("encoder", "micro")])
+def test_read_forward_equals_the_full_forward(tok_dir, kind, size):
+    from ettin.eval import scoring
+
+    model = tiny_model(kind, tok_dir, size=size, seed=5).eval()
+    cfg = model.config
+    assert not model.blocks[-1].is_global or size == "micro" or cfg.layers % 3 == 1
+    g = torch.Generator().manual_seed(0)
+    lens = [150, 97, 150, 12]  # > the local window: the last block's window matters; padded rows
+    x = torch.full((4, 150), cfg.pad_id)
+    pm = torch.zeros(4, 150, dtype=torch.bool)
+    for b, n in enumerate(lens):
+        x[b, :n] = torch.randint(4, cfg.vocab_size, (n,), generator=g)
+        pm[b, torch.randint(0, n, (3,), generator=g)] = True
+    am = torch.arange(150)[None] < torch.tensor(lens)[:, None]
+    with torch.inference_mode():
+        ref = model(x, attention_mask=am, predict_mask=pm)
+        got = scoring.read_forward(model, x, am, pm)
+    assert got.shape == ref.shape and (got - ref).abs().max().item() < 1e-4
+    assert (F.log_softmax(got.double(), -1) - F.log_softmax(ref.double(), -1)).abs().max().item() < 1e-5

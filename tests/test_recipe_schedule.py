@@ -3,8 +3,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from ettin.config import BATCH_WARMUP_TOKENS, PAPER_SIZES, peak_lr
+from ettin.config import BATCH_WARMUP_TOKENS, CROSS_OBJECTIVE, LR_WARMUP_TOKENS, PAPER_SIZES, WEIGHT_DECAY, peak_lr
 from ettin.errors import EttinError
 from ettin.train.optim import build_optimizer, param_groups
 from ettin.train.recipe import OptimSection, ScheduleSection, load_recipe
@@ -15,22 +16,27 @@ RECIPES = Path(__file__).resolve().parents[1] / "src" / "ettin" / "recipes"
 
 @pytest.mark.parametrize("size", PAPER_SIZES)
 def test_paper_recipes_carry_the_papers_numbers(size):
+    """SPEC section 4 (docs/RECIPE.md and tests/test_recipe_table.py pin every value)."""
     s1, s2, s3 = load_recipe(RECIPES / f"ettin-{size}" / "all.yaml")
-    assert (s1.train.tokens, s2.train.tokens, s3.train.tokens) == (1_700_000_000_000, 250_000_000_000, 50_000_000_000)
+    t2, t3 = (83_300_000_000, 16_700_000_000) if size == "1b" else (250_000_000_000, 50_000_000_000)
+    assert (s1.train.tokens, s2.train.tokens, s3.train.tokens) == (1_700_000_000_000, t2, t3)
     assert (s1.train.seq_len, s2.train.seq_len, s3.train.seq_len) == (1024, 7999, 7999)
     assert (s1.train.rope_theta, s2.train.rope_theta, s3.train.rope_theta) == (10_000, 160_000, 160_000)
     assert (s1.train.mask_rate, s2.train.mask_rate, s3.train.mask_rate) == (0.3, 0.3, 0.15)
     assert s1.train.global_batch == 4608 and s1.train.batch_warmup_tokens == BATCH_WARMUP_TOKENS[size]
-    assert s1.optim.schedule.warmup_tokens == 4_000_000_000
+    assert s1.optim.schedule.warmup_tokens == LR_WARMUP_TOKENS[size]
     for s in (s1, s2, s3):
         assert s.optim.lr == peak_lr(size) and s.optim.betas == [0.9, 0.98] and s.optim.eps == 1e-6
-        assert s.optim.weight_decay == 1e-5 and s.checkpoint.every_tokens == 8_500_000_000 and s.train.seed == 21
+        assert s.optim.weight_decay == WEIGHT_DECAY[size] and s.checkpoint.every_tokens == 8_500_000_000 and s.train.seed == 21
+        assert s.model.attn_out_dropout == 0.1
     assert (s2.optim.schedule.kind, s2.optim.schedule.end_factor) == ("one_minus_sqrt", 0.5)
     assert (s3.optim.schedule.start_factor, s3.optim.schedule.end_factor) == (0.5, 0.02)
     assert s2.model.init_from == "previous" and s3.model.init_from == "previous"
     (x,) = load_recipe(RECIPES / f"ettin-{size}" / "cross-objective.yaml")
-    assert (x.optim.lr, x.train.tokens, x.train.mask_rate, x.train.seed) == (4e-4, 50_000_000_000, 0.15, 210)
-    assert (x.optim.schedule.kind, x.optim.schedule.decay_tokens) == ("trapezoid", 10_000_000_000)
+    lr, warm, decay, tokens = CROSS_OBJECTIVE[size]
+    assert (x.optim.lr, x.train.tokens, x.train.mask_rate, x.train.seed) == (lr, tokens, 0.15, 210)
+    assert (x.optim.schedule.kind, x.optim.schedule.warmup_tokens, x.optim.schedule.decay_tokens) == ("trapezoid", warm, decay)
+    assert (x.optim.schedule.end_factor, x.optim.weight_decay, x.model.attn_out_dropout) == (0.02, WEIGHT_DECAY[size], 0.1)
 
 
 def test_checkpoint_count_matches_paper():
@@ -134,3 +140,51 @@ def test_stableadamw_one_step_matches_formula():
     w = w0 * (1 - (lr_eff / 0.1) * wd)
     w = w - lr_eff * m1 / (v1.sqrt() + eps)
     assert torch.allclose(p.detach(), w, atol=1e-6)
+
+
+def test_batches_in_samples_take_the_packed_rows_that_hold_their_tokens(tmp_path):
+    """train.tokens_per_sample: Ettin's 4,608 samples of a mean length become packed rows."""
+    from ettin.train.schedule import rows_for
+
+    (st,) = load_recipe(write(tmp_path, BASE + "train: {tokens: 100000, seq_len: 100, global_batch: 48, tokens_per_sample: 25, batch_multiple: 4}\n"))
+    assert rows_for(st, 48) == 12  # 48 x 25 tokens = 12 rows of 100
+    plan = Plan([st])
+    p = plan.get(1)
+    assert (p.samples, p.rows, p.tokens) == (48, 12, 1200)
+    (row,) = plan.stage_summary()
+    assert (row["steps"], row["tokens_per_step"], row["samples_per_step"], row["rows_per_step"]) == (84, 1200, 48, 12)
+    assert row["tokens"] == 84 * 1200 >= 100000 > 83 * 1200
+    (st,) = load_recipe(write(tmp_path, BASE + "train: {tokens: 100000, seq_len: 100, global_batch: 48, tokens_per_sample: 30, batch_multiple: 4}\n"))
+    assert rows_for(st, 48) == 16  # 14.4 rows, rounded to the nearest multiple of 4
+    (st,) = load_recipe(write(tmp_path, BASE + "train: {tokens: 1000, seq_len: 100, global_batch: 8}\n"))
+    assert rows_for(st, 8) == 8 and Plan([st]).get(1).samples == 8  # unset: a sample is a full row
+    with pytest.raises(EttinError, match="tokens_per_sample' must be a number of tokens or 'auto'"):
+        load_recipe(write(tmp_path, BASE + "train: {tokens_per_sample: lots}\n"))
+    with pytest.raises(EttinError, match="tokens_per_sample' must lie in"):
+        load_recipe(write(tmp_path, BASE + "train: {seq_len: 64, tokens_per_sample: 65}\n"))
+
+
+def test_auto_tokens_per_sample_is_measured_on_the_data(tiny_data, tmp_path):
+    """auto: documents cut into pieces of at most seq_len tokens; the trainer writes the figure."""
+    import json
+
+    import numpy as np
+
+    from conftest import write_recipe
+    from ettin.data.shards import TokenData
+    from ettin.train.trainer import train
+
+    lens = np.asarray(TokenData(tiny_data).doc_len)
+    want = round(lens.sum() / np.ceil(lens / 32).sum(), 2)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_data, **{"train.tokens_per_sample": "auto", "train.global_batch": 12, "train.tokens": 3 * 8 * 32})
+    res = train(recipe, tmp_path / "run", progress=False)
+    (row,) = res["plan"]
+    assert row["tokens_per_sample"] == want < 32
+    assert row["rows_per_step"] == round(12 * want / 32)
+    saved = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["stages"][0]["train"]["tokens_per_sample"]
+    assert saved == want
+    assert json.loads((tmp_path / "run" / "plan.json").read_text())["stages"] == res["plan"]
+    m = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {(r["samples"], r["batch_size"]) for r in m} == {(12, row["rows_per_step"])}
+    res = train(recipe, tmp_path / "run", progress=False)  # rerun: the measured figure is the same recipe
+    assert res["finished"] and res["resumed_from"] == row["steps"]

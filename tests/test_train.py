@@ -65,8 +65,12 @@ def test_metrics_checkpoints_and_batch_inspector(tiny_data, tmp_path):
     assert ids.shape == (8, 32)
 
 
-def test_kill_9_then_resume_is_bitwise_identical(tiny_data, tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_data, **{"train.tokens": 24 * 8 * 32})
+@pytest.mark.parametrize("dropout", [None, 0.1], ids=["no-dropout", "attn-out-dropout"])
+def test_kill_9_then_resume_is_bitwise_identical(tiny_data, tmp_path, dropout):
+    over = {"train.tokens": 24 * 8 * 32}
+    if dropout is not None:  # the dropout masks must come back exactly on resume
+        over["model.attn_out_dropout"] = dropout
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_data, **over)
     cli("train", recipe, "--out", tmp_path / "ref", "--no-progress")
     proc = subprocess.Popen([sys.executable, "-m", "ettin", "train", str(recipe), "--out", str(tmp_path / "cut"), "--no-progress"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.time()

@@ -12,7 +12,6 @@ Loading never executes code from the directory: safetensors and JSON only.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -43,7 +42,7 @@ def read_meta(path: str | Path) -> dict:
         raise EttinError(f"{path}: not an ettin checkpoint (no {META_FILE}; for a Hugging Face directory use 'ettin import')")
     try:
         meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise EttinError(f"{meta_path}: invalid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise EttinError(f"{meta_path}: not an ettin checkpoint (format is {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})")
@@ -75,9 +74,17 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu"):
     state = load_state_dict(path)
     with torch.device("meta"):
         model = Transformer(config, init=False)
+    check_finite(state, Path(path) / WEIGHTS_FILE)
     model = model.to_empty(device=device)
     _load_strict(model, state, path)
-    return model
+    return model.eval()  # inference mode (no dropout); the trainer switches to train() itself
+
+
+def check_finite(state: dict, source) -> None:
+    """Refuse weights holding NaN or Inf (a diverged run's checkpoint), naming the first tensor."""
+    for k, v in state.items():
+        if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise EttinError(f"{source}: tensor '{k}' holds NaN or Inf values; refusing a diverged checkpoint (use an earlier one)")
 
 
 def check_state_dict(state, want: dict, source, *, allow_missing: tuple[str, ...] = ()) -> None:
@@ -130,10 +137,9 @@ def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
     src, dst = Path(src), Path(dst)
     if not (src / "tokenizer.json").is_file():
         raise EttinError(f"{src}: no tokenizer.json")
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.is_file() and f.suffix in (".json", ".txt", ".model"):
-            shutil.copy2(f, dst / f.name)
+    from ettin.safety import copy_small_files
+
+    copy_small_files(src, dst)  # a symlink out of the tokenizer directory is refused
 
 
 def tokenizer_dir(path: str | Path) -> Path | None:

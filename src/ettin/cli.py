@@ -52,6 +52,7 @@ def init(
     vocab_size: int = typer.Option(None, "--vocab-size", help="Vocabulary size (default 50,368; small values use ids 0-3 as specials)."),
     tokenizer: Path = typer.Option(None, "--tokenizer", help="Tokenizer directory to store with the checkpoint (sets vocabulary and special ids)."),
     seed: int = typer.Option(0, "--seed"),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out that is not an ettin checkpoint."),
 ):
     """Write a randomly initialised checkpoint."""
     import torch
@@ -60,9 +61,17 @@ def init(
     from ettin.config import MODERNBERT_VOCAB, check_size, preset, small_vocab_specials
     from ettin.model import Transformer
 
+    from ettin.checkpoint import is_checkpoint
+    from ettin.safety import check_out
+    from ettin.validate import check_int
+
     check_size(size)
     if kind not in ("encoder", "decoder"):
         raise EttinError(f"--kind must be 'encoder' or 'decoder', got '{kind}'")
+    check_int("--seed", seed, 0, 2**63 - 1)
+    if vocab_size is not None:
+        check_int("--vocab-size", vocab_size, 8, 1 << 22)
+    check_out(out, force=force, ours=is_checkpoint(out), what="checkpoint")
     overrides = {}
     if tokenizer is not None:
         from ettin.data.tokenizer import model_overrides
@@ -106,15 +115,103 @@ def _register_all() -> None:
 _register_all()
 
 
-def main() -> None:
+def _os_error(e: OSError) -> str:
+    """An operating-system error as one line: what failed, on which path."""
+    import errno
+
+    what = e.strerror or type(e).__name__
+    if e.errno == errno.ENOSPC:
+        what = "no space left on the device (disk full)"
+    where = e.filename if e.filename is not None else None
+    if e.filename2 is not None:
+        where = f"{e.filename} -> {e.filename2}"
+    return f"{where}: {what}" if where is not None else what
+
+
+def _one_line(msg: str) -> str:
+    lines = [ln for ln in str(msg).splitlines() if ln.strip()]
+    return lines[0] if lines else str(msg)
+
+
+def _flush_stdout() -> str | None:
+    """Flush stdout now (e.g. onto /dev/full) so a failure is our one line, not Python's at exit."""
     try:
-        app()
+        sys.stdout.flush()
+    except OSError as e:
+        import os
+
+        try:  # nothing more can reach stdout; point it at /dev/null so the exit flush is silent
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return "" if isinstance(e, BrokenPipeError) else f"stdout: {_os_error(e)}"  # a closed pipe (| head): silent
+    except ValueError:
+        return None
+    return None
+
+
+def main() -> None:
+    """Run the CLI; every failure is one line on stderr (ETTIN_DEBUG=1 keeps tracebacks of bugs)."""
+    import os
+
+    debug = os.environ.get("ETTIN_DEBUG") not in (None, "", "0")
+    code: int | str | None = 0
+    msg = None
+    try:  # typer >= 0.2x vendors click
+        from typer import _click as click
+    except ImportError:  # pragma: no cover
+        import click
+
+    no_args_help = getattr(click.exceptions, "NoArgsIsHelpError", ())
+    abort = getattr(click.exceptions, "Abort", None) or getattr(importlib.import_module("typer.exceptions"), "Abort", ())
+    try:
+        rv = app(standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0
+    except SystemExit as e:
+        code = e.code
+    except no_args_help:
+        try:
+            app()  # a bare group: its help, exactly as click prints it
+        except SystemExit as e:
+            code = e.code
+    except click.exceptions.UsageError as e:  # a wrong flag or value: one line, not a usage panel
+        path = e.ctx.command_path if e.ctx is not None else "ettin"
+        msg, code = f"{path}: {_one_line(e.format_message())} (see '{path} --help')", e.exit_code
+    except abort:
+        msg, code = "aborted", 1
+    except click.exceptions.ClickException as e:
+        msg, code = _one_line(e.format_message()), e.exit_code
     except EttinError as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(1)
+        msg, code = _one_line(e), 1
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+        msg, code = "interrupted", 130
+    except BrokenPipeError:  # the reader went away (| head): nothing to tell it
+        code = 1
+        _flush_stdout()
+    except OSError as e:
+        msg, code = _os_error(e), 1
+    except MemoryError:
+        msg, code = "out of memory", 1
+    except RecursionError:
+        msg, code = "input nested too deeply (recursion limit reached)", 1
+    except Exception as e:  # a bug: one line by default, the traceback with ETTIN_DEBUG=1
+        if debug:
+            raise
+        if type(e).__name__ == "SafetensorError":  # safetensors' own I/O errors (Rust side)
+            text = _one_line(e)
+            msg, code = ("no space left on the device (disk full)" if "os error 28" in text else f"safetensors: {text}"), 1
+        else:
+            msg, code = f"internal error: {type(e).__name__}: {_one_line(e)} (set ETTIN_DEBUG=1 for the traceback, and please report it)", 1
+    err = _flush_stdout()
+    if msg is None and err is not None:
+        msg, code = err, 1
+    if msg:
+        try:
+            typer.echo(f"error: {msg}" if msg != "interrupted" else msg, err=True)
+        except OSError:
+            pass
+    sys.exit(code)
 
 
 if __name__ == "__main__":

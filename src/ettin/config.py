@@ -48,6 +48,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     init_cutoff: float = 2.0
+    # Dropout on each block's attention output projection, in training mode only (Ettin trains
+    # with 0.1, ModernBERT's attn_out_dropout_prob); the model has no other dropout.
+    attn_out_dropout: float = 0.0
     max_seq_len: int = 8192
     cls_id: int = MODERNBERT_SPECIALS["cls_id"]
     sep_id: int = MODERNBERT_SPECIALS["sep_id"]
@@ -110,10 +113,16 @@ class ModelConfig:
             val = getattr(self, key)
             if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
                 raise bad(key, f"must be a positive integer, got {val!r}")
+        from ettin.validate import check_model_config
+
+        check_model_config(self)  # types of every field and upper bounds (absurd sizes)
         if self.hidden % self.heads:
             raise bad("heads", f"must divide hidden={self.hidden}, got {self.heads}")
         if self.head_dim % 2:
             raise bad("heads", f"head dim {self.head_dim} must be even for RoPE")
+        p = self.attn_out_dropout
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+            raise bad("attn_out_dropout", f"must be a probability in [0, 1), got {p!r}")
         if self.objective not in OBJECTIVES:
             raise bad("objective", f"must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.objective == "clm" and not self.causal:
@@ -142,7 +151,10 @@ class ModelConfig:
         missing = [f.name for f in dataclasses.fields(cls) if f.name in ("layers", "hidden", "intermediate", "heads") and f.name not in data]
         if missing:
             raise EttinError(f"{source}: model config lacks required key '{missing[0]}'")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except EttinError as e:
+            raise EttinError(f"{source}: {e}") from None
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -181,6 +193,16 @@ PAPER_PARAMS = {
 
 # Batch-size warmup tokens by size (SPEC section 4).
 BATCH_WARMUP_TOKENS = {"17m": 125e9, "32m": 100e9, "68m": 75e9, "150m": 50e9, "400m": 10e9, "1b": 3e9}
+# Weight decay and LR warmup tokens by size (SPEC section 4; every stage keeps the size's decay).
+WEIGHT_DECAY = {"17m": 3e-4, "32m": 3e-4, "68m": 3e-4, "150m": 1e-5, "400m": 1e-5, "1b": 5e-5}
+LR_WARMUP_TOKENS = {"17m": 4e9, "32m": 4e9, "68m": 3e9, "150m": 3e9, "400m": 2e9, "1b": 2e9}
+# Cross-objective training by size: (LR, warmup tokens, final linear decay tokens, tokens).
+CROSS_OBJECTIVE = {
+    **{s: (1.5e-3, 3e9, 10e9, 50e9) for s in ("17m", "32m", "68m")},
+    "150m": (4e-4, 3e9, 10e9, 50e9),
+    "400m": (2.5e-4, 3e9, 10e9, 50e9),
+    "1b": (2.5e-4, 1e9, 3.33e9, 16.7e9),
+}
 
 
 def peak_lr(name: str) -> float:

@@ -10,9 +10,12 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
+
+from ettin import faults
 
 
 def _umask() -> int:
@@ -34,6 +37,60 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _cannot_write(target: Path, e: OSError) -> Exception:
+    from ettin.errors import EttinError
+
+    return EttinError(f"{target}: cannot write here ({e.strerror or e})")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_TMP_RE = re.compile(r"^\..+\.(?:tmp-(\d+)-[a-z0-9_]{8}|old-(\d+))$")  # exactly what atomic_* name them
+
+
+def remove_stale_tmp(directory: str | os.PathLike) -> int:
+    """Remove ``.NAME.tmp-PID-*`` / ``.NAME.old-PID`` leftovers of writers that no longer run.
+
+    A killed writer leaves its temporary beside the target (never visible under the target's
+    name); the next writer into the same directory removes it. Returns how many were removed.
+    """
+    n = 0
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return 0
+    for name in entries:
+        m = _TMP_RE.match(name)
+        if not m:
+            continue
+        pid = int(m.group(1) or m.group(2))
+        if pid == os.getpid() or _alive(pid):
+            continue
+        p = os.path.join(directory, name)
+        if ".old-" in name:  # killed between moving the old target aside and renaming the new one in
+            target = os.path.join(directory, name[1:].rsplit(".old-", 1)[0])
+            if not os.path.lexists(target):
+                with contextlib.suppress(OSError):
+                    os.replace(p, target)  # restore: the previous complete version comes back
+                    n += 1
+                    continue
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(p)
+        n += 1
+    return n
+
+
 def fsync_tree(path: Path) -> None:
     for root, _dirs, files in os.walk(path):
         for f in files:
@@ -50,11 +107,16 @@ def atomic_dir(target: str | os.PathLike, *, overwrite: bool = True):
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    remove_stale_tmp(target.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    except OSError as e:
+        raise _cannot_write(target, e) from None
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a finished directory gets the usual mode
     try:
         yield tmp
         fsync_tree(tmp)
+        faults.point("atomic-dir-before-rename")
         if target.exists():
             if not overwrite:
                 raise FileExistsError(target)
@@ -73,7 +135,11 @@ def atomic_dir(target: str | os.PathLike, *, overwrite: bool = True):
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    remove_stale_tmp(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+    except OSError as e:
+        raise _cannot_write(path, e) from None
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
         with os.fdopen(fd, "wb") as fh:

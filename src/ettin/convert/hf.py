@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -114,6 +113,13 @@ def hf_config_dict(config: ModelConfig, *, meta: dict | None = None, source: str
         "cls_token_id": config.cls_id,
         "sep_token_id": config.sep_id,
         "mask_token_id": config.mask_id,
+        # transformers' attention_dropout drops attention probabilities *and* the attention
+        # output; ettin's attn_out_dropout only the output, so no transformers field says it.
+        # Exports carry 0 (inference, as the released ModernBERT configs); the training value
+        # stays in the "ettin" block below and comes back on import.
+        "attention_dropout": 0.0,
+        "embedding_dropout": 0.0,
+        "mlp_dropout": 0.0,
         "layer_types": layer_types,
         "global_attn_every_n_layers": config.global_every,
         "local_attention": _hf_local_attention(config, source),
@@ -276,6 +282,25 @@ def model_kind(hf: dict, source: str = "config.json") -> tuple[bool, str]:
     raise EttinError(f"{source}: {found} is not ModernBERT-style; ettin imports model_type 'modernbert' (encoders) and 'modernbert-decoder' (decoders)")
 
 
+def _attn_out_dropout(hf: dict, source: str) -> float:
+    """transformers' ``attention_dropout`` as our attention-output dropout (the part we have)."""
+    vals = {}
+    for k in ("attention_dropout", "embedding_dropout", "mlp_dropout"):
+        v = hf.get(k, 0.0)
+        if v is None:
+            v = 0.0
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+            raise EttinError(f"{source}: '{k}' must be a probability in [0, 1), got {v!r}")
+        vals[k] = float(v)
+    if vals["attention_dropout"] > 0:
+        warn(f"{source}: attention_dropout {vals['attention_dropout']} becomes ettin's attn_out_dropout (attention output only; "
+             "ettin has no dropout on attention probabilities)")
+    for k in ("embedding_dropout", "mlp_dropout"):
+        if vals[k] > 0:
+            warn(f"{source}: {k} {vals[k]} is ignored (ettin has dropout on attention outputs only)")
+    return vals["attention_dropout"]
+
+
 def config_from_hf(hf: dict, *, source: str = "config.json", tokenizer_json: dict | None = None, origin: str | None = None) -> ModelConfig:
     """Our ModelConfig from a parsed transformers config.json (4.x or 5.x), checking what we can't represent."""
     if not isinstance(hf, dict):
@@ -302,6 +327,7 @@ def config_from_hf(hf: dict, *, source: str = "config.json", tokenizer_json: dic
     if causal and has_local and local // 2 < 1:
         raise EttinError(f"{source}: local_attention {local} gives an empty decoder window")
     theta_g, theta_l = _rope_thetas(hf, source)
+    dropout = _attn_out_dropout(hf, source)
     specials = _special_ids(hf, vocab, causal, tokenizer_json, source)
     try:
         numbers = dict(
@@ -326,6 +352,7 @@ def config_from_hf(hf: dict, *, source: str = "config.json", tokenizer_json: dic
             local_attention=local,
             rope_theta_global=theta_g,
             rope_theta_local=theta_l,
+            attn_out_dropout=dropout,
             **numbers,
             **specials,
         )
@@ -483,7 +510,7 @@ def read_hf_config(hf_dir: str | Path) -> dict:
         raise EttinError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
     try:
         data = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise EttinError(f"{p}: invalid JSON ({e})") from None
     if not isinstance(data, dict):
         raise EttinError(f"{p}: expected a JSON object")
@@ -496,7 +523,7 @@ def _read_tokenizer_json(hf_dir: Path) -> dict | None:
         return None
     try:
         return json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise EttinError(f"{p}: invalid JSON ({e})") from None
 
 
@@ -583,6 +610,9 @@ def load_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], l
     take_head = _has_lm_head(causal, arch, hf_state)
     state = from_hf_state_dict(hf_state, config, take_head=take_head, source=str(hf_dir))
     state = {k: v.float().contiguous() if v.is_floating_point() else v for k, v in state.items()}
+    from ettin.checkpoint import check_finite
+
+    check_finite(state, hf_dir)
     notes = []
     if not all(k in state for k in HEAD_KEYS):
         notes.append(f"{hf_dir}: {arch or 'the model'} has no language-modelling head; the head (dense, norm, output bias) is initialised randomly")
@@ -648,23 +678,20 @@ def import_hf(hf_dir: str | Path, out_ckpt: str | Path, *, force: bool = False) 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:
     """Only tokenizer files (a model directory also holds config.json, weight indexes, ...)."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
+    from ettin.safety import copy_small_files
+
+    copy_small_files(src, dst, names=set(TOKENIZER_FILES))  # a symlink out of the model directory is refused
 
 
 # ------------------------------------------------------------------------------------------
 # writing a Hugging Face directory
 # ------------------------------------------------------------------------------------------
 def _check_out(out: Path, src: Path, *, force: bool, ours: bool) -> None:
-    """Refuse to replace the source, or a non-empty directory that is not an earlier output of ours."""
-    if out.exists() and src.exists() and out.resolve() == src.resolve():
-        raise EttinError(f"{out}: --out is the input directory; choose another")
-    if out.exists() and not out.is_dir():
-        raise EttinError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not ours and not force:
-        raise EttinError(f"{out}: exists and is not empty; pass --force to replace it")
+    """Refuse to replace the source, a file, a training run, or (without --force) a non-empty
+    directory that is not an earlier output of ours."""
+    from ettin.safety import check_out
+
+    check_out(out, force=force, ours=ours, what="output directory", inputs=(src,))
 
 
 def _is_export(path: Path) -> bool:
@@ -820,6 +847,9 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, *, force: bool 
     hf_config_dict(config, source=str(ckpt_dir))  # refuse an inexpressible window before reading weights
     state = load_state_dict(ckpt_dir)
     _check_state(state, config, str(ckpt_dir))
+    from ettin.checkpoint import check_finite
+
+    check_finite(state, ckpt_dir)
     tok_dir = tokenizer_dir(ckpt_dir)
     tokenizer = _hf_tokenizer(tok_dir, config) if tok_dir is not None else None
     model = _hf_model(config, to_hf_state_dict(state, config), meta, str(ckpt_dir))

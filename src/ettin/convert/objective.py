@@ -49,10 +49,31 @@ def convert(
 
     if objective not in ("mntp", "clm"):
         raise EttinError(f"--objective must be 'mntp' or 'clm', got '{objective}'")
+    import os
+
+    from ettin.lock import run_lock
+    from ettin.safety import check_parent
+    from ettin.train.recipe import load_recipe
+
     out = Path(out)
-    path = resolve_source(source, out)
-    cfg = ckpt.load_config(path)
-    if cfg.objective == objective and not force:
-        raise EttinError(f"{path}: the model is already trained with {objective} ({cfg.kind}); pass --force to continue anyway")
-    sets = [f"model.init_from={path}", f"train.objective={objective}", "model.load_optimizer=false"] + list(overrides or [])
-    return train(recipe, out, overrides=sets, max_steps=max_steps, progress=progress, kind=KIND_FOR[objective])
+    load_recipe(recipe, overrides)  # a bad recipe fails before anything is written
+    check_parent(out)
+    if out.exists() and not out.is_dir():
+        raise EttinError(f"{out}: exists and is a file; --out takes a run directory")
+    created = not out.exists()
+    try:
+        with run_lock(out, enabled=int(os.environ.get("RANK", "0")) == 0):  # one writer, also for out/source
+            path = resolve_source(source, out)
+            cfg = ckpt.load_config(path)
+            if cfg.objective == objective and not force:
+                raise EttinError(f"{path}: the model is already trained with {objective} ({cfg.kind}); pass --force to continue anyway")
+            sets = [f"model.init_from={path}", f"train.objective={objective}", "model.load_optimizer=false"] + list(overrides or [])
+            return train(recipe, out, overrides=sets, max_steps=max_steps, progress=progress, kind=KIND_FOR[objective])
+    except BaseException:
+        from ettin.lock import LOCK_FILE
+
+        if created and out.is_dir() and all(p.name == LOCK_FILE for p in out.iterdir()):
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise

@@ -32,11 +32,20 @@ def register(app: typer.Typer) -> None:
         text_unit: str = typer.Option("file", "--text-unit", help="For .txt inputs: file, paragraph or line."),
         min_frequency: int = typer.Option(2, "--min-frequency", help="Minimum pair count for a merge."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+        force: bool = typer.Option(False, "--force", help="Replace a non-empty --out that is not a tokenizer directory."),
     ):
         """Train a byte-level BPE tokenizer with [CLS] [SEP] [PAD] [MASK] at ids 0-3."""
-        from ettin.data.readers import expand_inputs, iter_texts
-        from ettin.data.tokenizer import train_tokenizer
+        from ettin.data.readers import TEXT_UNITS, expand_inputs, iter_texts
+        from ettin.data.tokenizer import TOKENIZER_FILE, train_tokenizer
+        from ettin.safety import check_out
+        from ettin.validate import check_int
 
+        check_int("--vocab-size", vocab_size, 262, 1 << 20)
+        check_int("--min-frequency", min_frequency, 0, 2**32 - 1)
+        if text_unit not in TEXT_UNITS:
+            raise EttinError(f"--text-unit must be one of {', '.join(TEXT_UNITS)}, got '{text_unit}'")
+        check_out(out, force=force, ours=(Path(out) / TOKENIZER_FILE).is_file() and not (Path(out) / "manifest.json").exists(),
+                  what="tokenizer directory", inputs=tuple(inputs))
         specs = expand_inputs(inputs)
         t0 = time.perf_counter()
         info = train_tokenizer(
@@ -92,6 +101,11 @@ def register(app: typer.Typer) -> None:
     ):
         """Tokenize inputs into memory-mapped shards with a manifest; each document is [CLS] text [SEP]."""
         from ettin.data.prepare import prepare
+        from ettin.validate import check_int
+
+        check_int("--shard-tokens", shard_tokens, 1, 1 << 40)
+        if workers is not None:
+            check_int("--workers", workers, 1, 1024)
 
         m = prepare(
             inputs,

@@ -548,9 +548,11 @@ def chunk_texts(chunk: Chunk, text_field: str) -> tuple[list[str], list[int]]:
             try:
                 obj = loads(s)
             except ValueError as e:
-                msg = getattr(e, "msg", str(e))
+                msg = getattr(e, "msg", str(e)).removesuffix(" at")
                 col = getattr(e, "colno", None)
                 raise EttinError(f"{chunk.where(i)}: invalid JSON ({msg}{f' at column {col}' if col else ''})") from None
+            except RecursionError:
+                raise EttinError(f"{chunk.where(i)}: invalid JSON (nested too deeply)") from None
             if not isinstance(obj, dict):
                 raise EttinError(f"{chunk.where(i)}: expected a JSON object, got {type(obj).__name__}")
             try:
@@ -587,7 +589,13 @@ def iter_texts(inputs, *, text_field: str = "text", text_unit: str = "file") -> 
     specs = expand_inputs(inputs)
     for idx, spec in enumerate(specs):
         for ch in iter_chunks(spec, idx, text_field=text_field, text_unit=text_unit):
-            texts, _ = chunk_texts(ch, text_field)
-            yield from texts
+            texts, where = chunk_texts(ch, text_field)
+            for t, w in zip(texts, where):
+                if not t.isascii():  # a lone surrogate (from a JSON \ud800 escape) cannot reach the tokenizer
+                    try:
+                        t.encode("utf-8")
+                    except UnicodeEncodeError as e:
+                        raise EttinError(f"{ch.where(w)}: text is not valid Unicode ({e.reason} at character {e.start + 1}, e.g. an unpaired \\u surrogate escape)") from None
+                yield t
         if spec.documents == 0:
             raise EttinError(f"{spec.path}: empty input (no documents)")

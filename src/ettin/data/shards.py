@@ -156,7 +156,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise EttinError(f"{root}: not a prepared data directory (no {MANIFEST}; run 'ettin data prepare')")
     try:
         m = json.loads(mpath.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise EttinError(f"{mpath}: invalid JSON ({e})") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise EttinError(f"{mpath}: not an ettin data manifest (format should be '{FORMAT}')")
@@ -167,7 +167,43 @@ def read_manifest(path: str | os.PathLike) -> dict:
             raise EttinError(f"{mpath}: missing key '{key}'")
     if m["dtype"] not in ("uint16", "uint32"):
         raise EttinError(f"{mpath}: 'dtype' must be uint16 or uint32, got {m['dtype']!r}")
+    _check_manifest_fields(root, m, mpath)
     return m
+
+
+def _nonneg_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 62
+
+
+def _check_manifest_fields(root: Path, m: dict, mpath: Path) -> None:
+    """Types of the fields we read, and shard files that stay inside DATA_DIR (an untrusted
+    manifest must not make training read ``../../etc/passwd`` or follow a symlink out)."""
+    from ettin.safety import inside
+
+    for key in ("documents", "tokens"):
+        if not _nonneg_int(m[key]):
+            raise EttinError(f"{mpath}: '{key}' must be a non-negative integer, got {m[key]!r}")
+    if not isinstance(m["shards"], list):
+        raise EttinError(f"{mpath}: 'shards' must be a list")
+    t = m["tokenizer"]
+    if not isinstance(t, dict) or not isinstance(t.get("hash"), str):
+        raise EttinError(f"{mpath}: 'tokenizer' must be an object with a 'hash'")
+    for key in ("vocab_size", "real_vocab_size", "cls_id", "sep_id", "pad_id", "mask_id"):
+        if key in t and not _nonneg_int(t[key]):
+            raise EttinError(f"{mpath}: 'tokenizer.{key}' must be a non-negative integer, got {t[key]!r}")
+    if not isinstance(m["fingerprint"], str):
+        raise EttinError(f"{mpath}: 'fingerprint' must be a string")
+    for i, sh in enumerate(m["shards"]):
+        if not isinstance(sh, dict):
+            raise EttinError(f"{mpath}: 'shards[{i}]' must be an object")
+        for key in ("documents", "tokens", "tokens_bytes", "offsets_bytes"):
+            if not _nonneg_int(sh.get(key)):
+                raise EttinError(f"{mpath}: 'shards[{i}].{key}' must be a non-negative integer, got {sh.get(key)!r}")
+        for key in ("tokens_sha256", "offsets_sha256"):
+            if not isinstance(sh.get(key), str):
+                raise EttinError(f"{mpath}: 'shards[{i}].{key}' must be a string")
+        for key in ("tokens_file", "offsets_file"):
+            inside(root, sh.get(key), f"'shards[{i}].{key}'", mpath)
 
 
 class TokenData:
@@ -175,8 +211,11 @@ class TokenData:
 
     ``doc_shard[d]``, ``doc_start[d]`` and ``doc_len[d]`` locate document d (global numbering
     in shard order); ``shard_tokens[k]`` is shard k's token array (a read-only memmap view).
-    Opening checks every file's size against the manifest (a truncated shard is refused);
-    :func:`verify` checks the content hashes.
+    Opening does the cheap checks only, every time training opens the data: shard paths stay
+    inside DATA_DIR, every file's size matches the manifest (a truncated shard is refused) and
+    the document offsets are consistent; the trainer also checks each batch's ids against the
+    model's vocabulary. :func:`verify` (``ettin data verify``) reads everything: content hashes,
+    fingerprint, and every token id below the vocabulary size.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -242,6 +281,21 @@ def verify(path: str | os.PathLike, *, on_bytes=None) -> dict:
                 raise EttinError(f"{f}: sha256 {got[:16]}... differs from the manifest's {s[f'{kind}_sha256'][:16]}... (the shard was altered; re-run 'ettin data prepare')")
             if on_bytes is not None:
                 on_bytes(s[f"{kind}_bytes"])
+    vocab = m["tokenizer"].get("vocab_size")
+    if isinstance(vocab, int):
+        dtype = np.dtype(m["dtype"]).newbyteorder("<")
+        for s in m["shards"]:
+            f = root / s["tokens_file"]
+            if not s["tokens"]:
+                continue
+            toks = np.memmap(f, dtype=dtype, mode="r")
+            step = 1 << 24
+            for a in range(0, len(toks), step):
+                part = toks[a : a + step]
+                if int(part.max()) >= vocab:
+                    pos = a + int(np.argmax(part >= vocab))
+                    raise EttinError(f"{f}: token id {int(toks[pos])} at position {pos} is outside the vocabulary of {vocab} (corrupt or altered shard)")
+            del toks
     if fingerprint(m) != m["fingerprint"]:
         raise EttinError(f"{root / MANIFEST}: fingerprint does not match the shard list (manifest edited?)")
     if sum(s["documents"] for s in m["shards"]) != m["documents"] or sum(s["tokens"] for s in m["shards"]) != m["tokens"]:

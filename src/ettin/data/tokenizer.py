@@ -107,7 +107,7 @@ def _read_json(path: Path) -> dict | None:
         return None
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise EttinError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(obj, dict):
         raise EttinError(f"{path}: expected a JSON object")
@@ -129,12 +129,20 @@ def _info(dirname: str, stamp: tuple) -> dict:
     real = _real_size(tok)
     meta = _read_json(d / ETTIN_FILE)
     if meta is not None:
-        try:
-            ids = {f"{r}_id": int(meta[f"{r}_id"]) for r in ROLES}
-            names = {f"{r}_token": str(meta.get(f"{r}_token", "")) for r in ROLES}
-            padded = int(meta["vocab_size"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise EttinError(f"{d / ETTIN_FILE}: missing or invalid key {e}") from None
+        from ettin.validate import MAX_VOCAB
+
+        if not isinstance(meta, dict):
+            raise EttinError(f"{d / ETTIN_FILE}: expected a JSON object")
+
+        def int_key(key: str, hi: int) -> int:
+            v = meta.get(key)
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= hi:
+                raise EttinError(f"{d / ETTIN_FILE}: '{key}' must be an integer in [0, {hi:,}], got {v!r}")
+            return v
+
+        padded = int_key("vocab_size", MAX_VOCAB)
+        ids = {f"{r}_id": int_key(f"{r}_id", MAX_VOCAB) for r in ROLES}
+        names = {f"{r}_token": str(meta.get(f"{r}_token", "")) for r in ROLES}
         for r in ROLES:
             name = names[f"{r}_token"]
             if name and tok.token_to_id(name) != ids[f"{r}_id"]:
@@ -224,7 +232,7 @@ def _hash(dirname: str, stamp: tuple) -> str:
     d = Path(dirname)
     try:
         canon = json.loads((d / TOKENIZER_FILE).read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise EttinError(f"{d / TOKENIZER_FILE}: invalid JSON ({e})") from None
     info = _info(dirname, stamp)
     h = hashlib.sha256()
@@ -358,11 +366,6 @@ def train_tokenizer(
 
 def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Copy a tokenizer directory's small files (json/txt/model) into ``dst``."""
-    import shutil
+    from ettin.safety import copy_small_files
 
-    s = resolve_dir(src)
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in sorted(s.iterdir()):
-        if f.is_file() and f.suffix in (".json", ".txt", ".model"):
-            shutil.copy2(f, dst / f.name)
+    copy_small_files(resolve_dir(src), Path(dst))  # a symlink out of the tokenizer directory is refused

@@ -114,7 +114,7 @@ def register(app) -> None:
         json_out: Path = typer.Option(None, "--json", help="Write the results as JSON here ('-' for stdout)."),
         batch_size: int = typer.Option(32, "--batch-size", help="Sequences per forward pass."),
         device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-        limit: int = typer.Option(None, "--limit", help="Examples per task (also caps fine-tuning data), for quick runs."),
+        limit: int = typer.Option(None, "--limit", help="Examples per task, for quick runs: items, queries or lines; perplexity tasks: the first N documents, each cut to its first --max-length tokens. Also caps fine-tuning data."),
         seeds: str = typer.Option(None, "--seeds", help="Fine-tuning seeds, e.g. 0,1,2."),
         lrs: str = typer.Option(None, "--lrs", help="Fine-tuning learning-rate grid, e.g. 3e-5,1e-4,3e-4."),
         epochs: int = typer.Option(None, "--epochs", help="GLUE fine-tuning epochs."),

@@ -12,6 +12,11 @@
   ``lm_stride``); every token is predicted exactly once, the first from [CLS]. Encoders get
   the same quantities from the pseudo-log-likelihood (each token masked in turn, in chunks of
   ``pll_window`` tokens framed by [CLS] ... [SEP]), named ``pseudo_*``.
+
+``--limit N`` bounds every mode: the first N lines; on text (perplexity) tasks each of those N
+documents is also cut to its first ``max_length`` tokens, so a limited run scores at most
+N x max_length tokens (an encoder: that many masked copies). The result then carries a
+``note`` saying so.
 """
 
 from __future__ import annotations
@@ -120,7 +125,13 @@ def _perplexity(em, docs: list[dict], opts, samples: list | None = None) -> dict
     cfg = em.config
     texts = [d["text"] for d in docs]
     encs = em.tokenizer.encode_batch(texts)
-    total_ll, total_tokens = 0.0, 0
+    cut = False
+    if opts.limit:  # bound the cost: at most max_length tokens of each of the first N documents
+        for k, ids in enumerate(encs):
+            if len(ids) > opts.max_length:
+                cut = True
+                encs[k] = ids = ids[: opts.max_length]
+                texts[k] = em.tokenizer.decode(ids)  # what words / bytes are counted on
     words = sum(len(re.split(r"\s+", t)) for t in texts)
     nbytes = sum(len(t.encode("utf-8")) for t in texts)
     if em.is_encoder:
@@ -155,7 +166,7 @@ def _perplexity(em, docs: list[dict], opts, samples: list | None = None) -> dict
     total_tokens = sum(len(ids) for ids in encs)
     if total_tokens == 0:
         raise EttinError("perplexity: the texts contain no tokens")
-    return {
+    out = {
         f"{prefix}perplexity": _exp(-total_ll / total_tokens),
         f"{prefix}word_perplexity": _exp(-total_ll / words),
         f"{prefix}byte_perplexity": _exp(-total_ll / nbytes),
@@ -163,3 +174,7 @@ def _perplexity(em, docs: list[dict], opts, samples: list | None = None) -> dict
         "tokens": total_tokens,
         "n": len(docs),
     }
+    if opts.limit:
+        out["note"] = (f"--limit {opts.limit}: the first {len(docs)} documents, each cut to its first {opts.max_length} tokens"
+                       + ("" if cut else " (none was longer)"))
+    return out

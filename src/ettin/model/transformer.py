@@ -34,7 +34,8 @@ def onednn_available() -> bool:
     try:
         if not torch.backends.mkldnn.is_available():
             return False
-        x, w, b = torch.randn(5, 8), torch.randn(3, 8), torch.randn(3)
+        g = torch.Generator().manual_seed(0)  # not the global RNG: this probe must not move dropout's stream
+        x, w, b = torch.randn(5, 8, generator=g), torch.randn(3, 8, generator=g), torch.randn(3, generator=g)
         y = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
         return bool(torch.allclose(y, torch.addmm(b, x, w.t()), atol=1e-5))
     except Exception:  # pragma: no cover - torch without oneDNN
@@ -225,6 +226,7 @@ class Block(nn.Module):
         self.attn_norm = nn.Identity() if index == 0 else nn.LayerNorm(h, eps=config.norm_eps, bias=False)
         self.qkv = nn.Linear(h, 3 * h, bias=False)
         self.out = nn.Linear(h, h, bias=False)
+        self.out_dropout = config.attn_out_dropout  # applied in training mode only
         self.mlp_norm = nn.LayerNorm(h, eps=config.norm_eps, bias=False)
         self.wi = nn.Linear(h, 2 * config.intermediate, bias=False)
         self.wo = nn.Linear(config.intermediate, h, bias=False)
@@ -239,7 +241,10 @@ class Block(nn.Module):
             qkv = torch.cat((apply_rotary(qkv[:, :, :2], cos, sin), qkv[:, :, 2:]), dim=2)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each [B, heads, L, D], memory [B, L, heads, D]
         y = attend(q, k, v).transpose(1, 2).reshape(B, L, H)
-        x = x + linear(y, self.out.weight)
+        y = linear(y, self.out.weight)
+        if self.training and self.out_dropout > 0:
+            y = F.dropout(y, self.out_dropout, training=True)
+        x = x + y
         return x + linear(geglu(linear(self.mlp_norm(x), self.wi.weight)), self.wo.weight)
 
 
@@ -378,6 +383,12 @@ class Transformer(nn.Module):
         if origin is not None:
             changes["origin"] = origin
         self.config = self.config.replace(**changes)
+
+    def set_attn_out_dropout(self, p: float) -> None:
+        """The training-time dropout on attention outputs (a recipe sets it per stage)."""
+        self.config = self.config.replace(attn_out_dropout=float(p))
+        for b in self.blocks:
+            b.out_dropout = float(p)
 
     def set_rope_theta(self, global_theta: float, local_theta: float) -> None:
         self.config = self.config.replace(rope_theta_global=global_theta, rope_theta_local=local_theta)

@@ -361,13 +361,53 @@ def report_paths(out: Path) -> dict[str, Path]:
             "files": out.parent / f"{out.stem}_files"}
 
 
-def write_report(runs: list[Path], out: Path) -> Path:
+def _head(path: Path, n: int = 4096) -> str:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(n).decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _ours(key: str, path: Path) -> bool:
+    """Whether an existing report output was written by ``ettin report`` (so it may be replaced)."""
+    if key == "files":
+        try:
+            names = [p.name for p in path.iterdir()]
+        except OSError:
+            return False
+        return all(n.endswith(".png") for n in names)  # the report writes only its plots there
+    head = _head(path)
+    if key == "html":
+        return head.startswith("<!DOCTYPE html>") and "<title>ettin report</title>" in head
+    if key == "md":
+        return head.startswith("# ettin report")
+    return head.split("\n", 1)[0] == ",".join(CSV_COLUMNS)
+
+
+def check_report_out(out: Path, force: bool) -> None:
+    """Nothing the report did not write is replaced without --force; never a directory for a file."""
+    from ettin.safety import check_parent
+
+    check_parent(out)
+    for key, p in report_paths(out).items():
+        if not p.exists() and not p.is_symlink():
+            continue
+        want_dir = key == "files"
+        if p.is_dir() != want_dir or p.is_symlink():
+            raise EttinError(f"{p}: exists and is {'a directory' if p.is_dir() else 'not a directory'}; the report writes {'a directory' if want_dir else 'a file'} there (remove it or choose another --out)")
+        if not force and not _ours(key, p):
+            raise EttinError(f"{p}: exists and was not written by 'ettin report'; pass --force to replace it")
+
+
+def write_report(runs: list[Path], out: Path, *, force: bool = False) -> Path:
     """Report on every run under ``runs`` into ``out`` (HTML) plus ``.md``, ``.csv`` and ``_files/``."""
     out = Path(out)
     if out.is_dir():
         raise EttinError(f"{out}: is a directory; --out takes the HTML file to write (e.g. {out / 'report.html'})")
     if out.suffix.lower() in (".md", ".csv"):
         raise EttinError(f"{out}: --out names the HTML file; report.md and report.csv are written beside it")
+    check_report_out(out, force)
     found = discover_runs([Path(p) for p in runs])
     tables = build_tables(found)
     images = build_images(found)

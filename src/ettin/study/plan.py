@@ -27,12 +27,13 @@ from pathlib import Path
 import yaml
 
 from ettin.errors import EttinError
+from ettin.validate import MAX_TOKENS
 
 STAGE_FILES = ("stage1.yaml", "stage2.yaml", "stage3.yaml")
 CROSS_FILE = "cross-objective.yaml"
 MODELS = ("encoder", "decoder", "encoder-from-decoder", "decoder-from-encoder")
 CONVERSIONS = {"encoder-from-decoder": ("decoder", "mntp"), "decoder-from-encoder": ("encoder", "clm")}
-NEVER = 10**18  # checkpoint.every_tokens that never triggers (stage ends still checkpoint)
+NEVER = MAX_TOKENS  # checkpoint.every_tokens that never triggers (stage ends still checkpoint)
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,16 @@ def _register_train(app: typer.Typer) -> None:
         max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this global step (checkpointing there)."),
         kind: Optional[str] = typer.Option(None, "--kind", help="Override model.kind: encoder or decoder."),
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+        plan: bool = typer.Option(False, "--plan", help="Print each stage's steps and tokens per step, then exit."),
     ):
         """Train one model (or resume it). Works under torchrun for DDP/FSDP2."""
         from ettin.train.trainer import train as run_train
 
+        if plan:
+            return _print_plan(recipe, set_)
         if kind is not None and kind not in ("encoder", "decoder"):
             raise EttinError(f"--kind must be 'encoder' or 'decoder', got '{kind}'")
+        _check_max_steps(max_steps)
         res = run_train(recipe, out, overrides=set_, max_steps=max_steps, progress=not no_progress, kind=kind)
         _summary(res)
 
@@ -41,10 +45,14 @@ def _register_train(app: typer.Typer) -> None:
         set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe field: dotted.key=value (repeatable)."),
         max_steps: Optional[int] = typer.Option(None, "--max-steps"),
         no_progress: bool = typer.Option(False, "--no-progress"),
+        plan: bool = typer.Option(False, "--plan", help="Print each stage's steps and tokens per step, then exit."),
     ):
         """Train an encoder (MLM) and a decoder (CLM) in lockstep on identical batches."""
         from ettin.train.trainer import train as run_train
 
+        if plan:
+            return _print_plan(recipe, set_)
+        _check_max_steps(max_steps)
         res = run_train(recipe, out, overrides=set_, max_steps=max_steps, progress=not no_progress, pair=True)
         _summary(res)
 
@@ -82,6 +90,24 @@ def _register_train(app: typer.Typer) -> None:
                 typer.echo(tok.decode(row, skip_special_tokens=False))
 
 
+def _check_max_steps(max_steps) -> None:
+    if max_steps is not None:
+        from ettin.validate import MAX_TOKENS, check_int
+
+        check_int("--max-steps", max_steps, 1, MAX_TOKENS)
+
+
+def _print_plan(recipe: Path, overrides) -> None:
+    """Steps and tokens per step of each stage (``tokens_per_sample: auto`` measured on the data)."""
+    from ettin.train import budget
+    from ettin.train.recipe import load_recipe
+    from ettin.train.trainer import open_mixture
+
+    stages = budget.resolve_samples(load_recipe(recipe, overrides), open_mixture)
+    for line in budget.plan_lines(budget.plan_summary(stages)):
+        typer.echo(line)
+
+
 def _summary(res: dict) -> None:
     runs = ", ".join(res["runs"])
     state = "finished" if res["finished"] else "stopped"
@@ -106,5 +132,6 @@ def register_convert(app: typer.Typer) -> None:
         """Cross-objective continued training: weights only, attention direction switched, fresh schedule."""
         from ettin.convert.objective import convert as run_convert
 
+        _check_max_steps(max_steps)
         res = run_convert(checkpoint, objective, recipe, out, force=force, overrides=set_, max_steps=max_steps, progress=not no_progress)
         _summary(res)

@@ -38,6 +38,9 @@ class ModelSection:
     attn_impl: str = "auto"  # auto | sdpa | flex
     compile: bool | str = "auto"  # auto: torch.compile each block on a GPU (slower on a CPU, measured)
     activation_checkpointing: bool = False
+    # dropout on the attention output projection while training (Ettin: 0.1 in every stage);
+    # null keeps the model's own value (0 for a new model)
+    attn_out_dropout: float | None = None
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,15 @@ class TrainSection:
     seq_len: int = 1024
     rope_theta: float = 10_000.0  # global and local layers alike (Ettin synchronises them)
     mask_rate: float = 0.3
-    global_batch: int = 4608  # sequences per optimizer step (after batch-size warmup)
-    micro_batch: int = 16  # sequences per forward pass per process
+    global_batch: int = 4608  # samples per optimizer step (after batch-size warmup)
+    micro_batch: int = 16  # packed rows per forward pass per process
+    # Tokens a sample holds on average. null: a sample is one full packed row of seq_len tokens.
+    # A number or "auto" (measured from the stage's data: documents cut into pieces of at most
+    # seq_len tokens, as a run that does not pack counts them): global_batch and
+    # batch_warmup_start count such samples, and a step takes
+    # round(samples * tokens_per_sample / seq_len) packed rows, so tokens per step and the
+    # number of steps match a run that counts its batch in unpacked samples (Ettin, stages 2-3).
+    tokens_per_sample: float | str | None = None
     batch_warmup_tokens: int = 0
     batch_warmup_start: int | None = None  # default global_batch // 6
     batch_multiple: int = 1  # warmup batch sizes are rounded down to a multiple of this
@@ -242,6 +252,9 @@ def parse_set(items: list[str] | None) -> list[tuple[str, object]]:
 
 
 def _check_stage(stage: Stage, source: str) -> Stage:
+    from ettin.validate import check_stage_values
+
+    check_stage_values(stage, source)
     t, o = stage.train, stage.optim
     if t.tokens <= 0:
         raise EttinError(f"{source}: 'train.tokens' must be positive")
@@ -251,6 +264,13 @@ def _check_stage(stage: Stage, source: str) -> Stage:
         raise EttinError(f"{source}: 'train.mask_rate' must lie in [0, 1], got {t.mask_rate}")
     if t.global_batch < 1 or t.micro_batch < 1:
         raise EttinError(f"{source}: 'train.global_batch' and 'train.micro_batch' must be positive")
+    tps = t.tokens_per_sample
+    if isinstance(tps, str) and tps != "auto":
+        raise EttinError(f"{source}: 'train.tokens_per_sample' must be a number of tokens or 'auto', got {tps!r}")
+    if isinstance(tps, float) and not 1 <= tps <= t.seq_len:
+        raise EttinError(f"{source}: 'train.tokens_per_sample' must lie in [1, train.seq_len={t.seq_len}], got {tps}")
+    if stage.model.attn_out_dropout is not None and not 0 <= stage.model.attn_out_dropout < 1:
+        raise EttinError(f"{source}: 'model.attn_out_dropout' must lie in [0, 1), got {stage.model.attn_out_dropout}")
     if t.batch_warmup_start is not None and not 1 <= t.batch_warmup_start <= t.global_batch:
         raise EttinError(f"{source}: 'train.batch_warmup_start' must lie in [1, train.global_batch]")
     if len(o.betas) != 2:
@@ -299,6 +319,8 @@ def _load_yaml(path: Path) -> dict:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
         raise EttinError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    except RecursionError:
+        raise EttinError(f"{path}: invalid YAML (nested too deeply)") from None
     if not isinstance(data, dict):
         raise EttinError(f"{path}: a recipe must be a mapping")
     return data
@@ -313,7 +335,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> list[St
         if extra:
             raise EttinError(f"{path}: a multi-stage recipe has only 'stages', found '{sorted(extra)[0]}'")
         entries = []
-        for i, item in enumerate(raw["stages"] or []):
+        if not isinstance(raw["stages"], list):
+            raise EttinError(f"{path}: 'stages' must be a list of file names or mappings, got {raw['stages']!r}")
+        for i, item in enumerate(raw["stages"]):
             if isinstance(item, str):
                 sub = path.parent / item
                 d = _load_yaml(sub)

@@ -3,6 +3,11 @@
 The plan maps every global step of a run to (stage, rows of that stage's sample order, LR,
 mask rate, sequence length). It depends on the recipe alone, never on the world size, so
 ``ettin batches RUN --step N`` can recompute exactly what step N saw.
+
+Batches are counted in *samples*. By default a sample is one packed row of ``seq_len`` tokens.
+With ``train.tokens_per_sample`` a sample holds that many tokens on average, as in a run that
+does not pack (Ettin: 4,608 samples per step, each a document of at most ``seq_len`` tokens), and
+a step takes the packed rows holding as many tokens (:func:`rows_for`).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ def lr_factor(s: ScheduleSection, tokens: float, total: float) -> float:
 
 
 def batch_size(stage: Stage, tokens: float) -> int:
-    """Sequences in the global batch after ``tokens`` of the stage (linear batch-size warmup)."""
+    """Samples in the global batch after ``tokens`` of the stage (linear batch-size warmup)."""
     t = stage.train
     if t.batch_warmup_tokens <= 0 or tokens >= t.batch_warmup_tokens:
         return t.global_batch
@@ -47,18 +52,35 @@ def batch_size(stage: Stage, tokens: float) -> int:
     return max(start, min(t.global_batch, int(b) // m * m))
 
 
+def rows_for(stage: Stage, samples: int) -> int:
+    """Packed rows of ``seq_len`` tokens that hold ``samples`` samples' tokens.
+
+    A sample is a full row unless ``train.tokens_per_sample`` says otherwise; then the row count
+    is rounded to the nearest multiple of ``train.batch_multiple`` (at least one multiple).
+    """
+    t = stage.train
+    tps = t.tokens_per_sample
+    if tps is None:
+        return samples
+    if isinstance(tps, str):
+        raise ValueError(f"stage '{stage.name}': train.tokens_per_sample '{tps}' must be resolved to a number first")
+    m = max(1, t.batch_multiple)
+    return max(m, round(samples * float(tps) / t.seq_len / m) * m)
+
+
 @dataclass(frozen=True)
 class StepPlan:
     step: int  # global step of the run, 1-based
     stage_index: int
     stage_step: int  # 1-based within the stage
     start_row: int  # first row of the stage's sample order
-    rows: int  # global batch size in sequences
+    rows: int  # packed rows of seq_len tokens in the global batch
     tokens_before: int  # tokens of the whole run before this step
     stage_tokens_before: int
     lr: float
     seq_len: int
     mask_rate: float
+    samples: int = 0  # the batch in samples (equal to rows unless train.tokens_per_sample is set)
 
     @property
     def tokens(self) -> int:
@@ -86,9 +108,10 @@ class Plan:
             while stage_tokens < t.tokens:
                 step += 1
                 k += 1
-                b = batch_size(st, stage_tokens)
+                n = batch_size(st, stage_tokens)
+                b = rows_for(st, n)
                 lr = st.optim.lr * lr_factor(st.optim.schedule, stage_tokens, t.tokens)
-                yield StepPlan(step, si, k, row, b, run_tokens, stage_tokens, lr, t.seq_len, t.mask_rate)
+                yield StepPlan(step, si, k, row, b, run_tokens, stage_tokens, lr, t.seq_len, t.mask_rate, n)
                 row += b
                 stage_tokens += b * t.seq_len
                 run_tokens += b * t.seq_len
@@ -115,3 +138,36 @@ class Plan:
         while len(self._stage_ends) <= stage_index and not self._done:
             self._extend_to(len(self._steps) + 1)
         return self._stage_ends[stage_index]
+
+    def stage_summary(self) -> list[dict]:
+        """Per stage: steps, samples and packed rows per step, tokens per step, tokens planned.
+
+        Figures per step are those after any batch-size warmup (the last step of the stage);
+        ``tokens`` is what the stage's steps hold in all (at least the recipe's budget).
+        """
+        self._extend_to(1 << 62)
+        out = []
+        first = 1
+        for si, st in enumerate(self.stages):
+            last_step = self._stage_ends[si]
+            steps = self._steps[first - 1 : last_step]
+            end = steps[-1]
+            t = st.train
+            out.append(
+                {
+                    "stage": st.name,
+                    "steps": len(steps),
+                    "first_step": first,
+                    "last_step": last_step,
+                    "samples_per_step": end.samples,
+                    "tokens_per_sample": float(t.tokens_per_sample) if t.tokens_per_sample is not None else float(t.seq_len),
+                    "rows_per_step": end.rows,
+                    "seq_len": t.seq_len,
+                    "tokens_per_step": end.tokens,
+                    "tokens": sum(p.tokens for p in steps),
+                    "recipe_tokens": t.tokens,
+                    "warmup_steps": sum(1 for p in steps if p.samples < t.global_batch),
+                }
+            )
+            first = last_step + 1
+        return out

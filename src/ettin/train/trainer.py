@@ -15,7 +15,7 @@ import math
 import os
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,11 +25,13 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from ettin import checkpoint as ckpt
+from ettin import faults
 from ettin import objectives as O
 from ettin.config import ModelConfig, preset
 from ettin.errors import EttinError
 from ettin.fsutil import atomic_write_text
 from ettin.model import Transformer
+from ettin.train import budget
 from ettin.train import distributed as D
 from ettin.train.optim import build_optimizer, set_lr
 from ettin.train.recipe import Stage, load_recipe, stage_from_dict, stages_to_yaml
@@ -77,8 +79,8 @@ def last_checkpoint(path: Path) -> Path:
 # -- recipes in a run -------------------------------------------------------------------------
 def merge_run_recipe(run: RunDir, stages: list[Stage]) -> list[Stage]:
     """The run's stage list: what it already had, plus the requested stages it lacks."""
-    if not run.recipe.is_file():
-        return stages
+    if not run.recipe.is_file() or not run.list_checkpoints():
+        return stages  # a run that never checkpointed has nothing to keep: a fixed recipe may restart it
     try:
         old_raw = yaml.safe_load(run.recipe.read_text()) or {}
         old = [stage_from_dict(d, str(run.recipe)) for d in old_raw.get("stages", [])]
@@ -89,21 +91,65 @@ def merge_run_recipe(run: RunDir, stages: list[Stage]) -> list[Stage]:
     for s in stages:
         if s.name in by_name:
             if _fingerprint(by_name[s.name]) != _fingerprint(s):
+                key, was, now = _first_difference(_fingerprint_dict(by_name[s.name]), _fingerprint_dict(s))
                 raise EttinError(
-                    f"{run.root}: stage '{s.name}' already exists with a different recipe; use a new --out or a new stage name"
+                    f"{run.root}: stage '{s.name}' already exists with a different recipe: '{key}' was {was!r}, now {now!r}; "
+                    "use a new --out or a new stage name"
                 )
         else:
             merged.append(s)
     return merged
 
 
-def _fingerprint(stage: Stage) -> str:
+def _fingerprint_dict(stage: Stage) -> dict:
     d = stage.to_dict()
     d["train"].pop("max_steps", None)
     d["train"].pop("device", None)
+    for sec, key in (("train", "tokens_per_sample"), ("model", "attn_out_dropout")):
+        if d[sec].get(key) is None:  # fields added later: unset keeps older runs resumable
+            d[sec].pop(key, None)
     d.pop("logging", None)
     d.pop("distributed", None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return d
+
+
+def _fingerprint(stage: Stage) -> str:
+    return hashlib.sha256(json.dumps(_fingerprint_dict(stage), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _first_difference(a, b, prefix: str = ""):
+    """(dotted key, old value, new value) of the first field where two recipe dicts differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+    return prefix or "recipe", a, b
+
+
+def _all_finite(tensors) -> bool:
+    for t in tensors:
+        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return False
+    return True
+
+
+def _set_aside_bad(learners, from_step: int, start: int) -> str:
+    """Rename checkpoints this process wrote at or after ``from_step`` (their weights led to a
+    non-finite loss) to ``NNNNNNNN.nonfinite``: kept for inspection, but no longer resumed from,
+    so a rerun (with a fixed recipe when none is left) starts from the last good one."""
+    moved = []
+    for ln in learners:
+        for step, p in ln.run.list_checkpoints():
+            if step >= from_step and step > start:
+                os.replace(p, p.with_name(p.name + ".nonfinite"))
+                moved.append(step)
+    return f"; checkpoint(s) of step {', '.join(map(str, sorted(set(moved))))} renamed *.nonfinite" if moved else ""
+
+
+def last_good_text(run: "RunDir", before: int) -> str:
+    """'last good checkpoint: PATH' (the newest strictly before step ``before``) or 'no good checkpoint'."""
+    good = [p for step, p in run.list_checkpoints() if step < before]
+    return f"last good checkpoint: {good[-1]}" if good else "there is no good checkpoint"
 
 
 # -- data -----------------------------------------------------------------------------------
@@ -162,6 +208,27 @@ def step_generator(seed: int, step: int, objective: str) -> torch.Generator:
     return g
 
 
+def dropout_seed(seed: int, step: int, objective: str, rank: int) -> int:
+    """The torch RNG seed of one learner's step on one rank (it drives attention-output dropout)."""
+    h = hashlib.sha256(f"dropout:{seed}:{step}:{objective}:{rank}".encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 1
+
+
+@contextmanager
+def step_rng(seed: int, step: int, objective: str, d: D.Dist):
+    """The global torch RNG, forked and seeded from (seed, step, objective, rank) for one step.
+
+    Dropout draws from the global RNG. Seeding it per step makes its masks a function of the
+    saved trainer state (the step), so a resumed run draws exactly the masks it would have
+    drawn, and one side of a pair draws the same masks as when trained alone. The caller's RNG
+    state is restored afterwards.
+    """
+    cuda = d.device.type == "cuda"
+    with torch.random.fork_rng(devices=[d.device] if cuda else [], device_type="cuda"):
+        torch.manual_seed(dropout_seed(seed, step, objective, d.rank))
+        yield
+
+
 # -- one model --------------------------------------------------------------------------------
 class Learner:
     """A model with its optimiser, objective and run directory."""
@@ -194,6 +261,8 @@ class Learner:
         self.objective = objective
         m = self.model
         m.set_rope_theta(stage.train.rope_theta, stage.train.rope_theta)
+        if stage.model.attn_out_dropout is not None:
+            m.set_attn_out_dropout(stage.model.attn_out_dropout)
         if stage.train.seq_len > m.config.max_seq_len:
             m.config = m.config.replace(max_seq_len=stage.train.seq_len)
 
@@ -212,6 +281,14 @@ class Learner:
     def save(self, plan: StepPlan, stage_done: bool, data_fingerprint: str) -> Path:
         state = D.full_model_state(self.wrapped, self.d)
         osd = D.full_optim_state(self.wrapped, self.optim, self.d)
+        bad = torch.zeros((), device=self.d.device)  # rank 0 holds the gathered state; every rank learns the verdict
+        if self.d.is_main and not (_all_finite(state.values()) and _all_finite(v for st in osd["state"].values() for v in st.values())):
+            bad += 1
+        if self.d.all_reduce_sum(bad).item() > 0:
+            raise EttinError(
+                f"step {plan.step}: {self.kind} weights or optimizer state are not finite (NaN/Inf) after this step; "
+                f"checkpoint not written ({last_good_text(self.run, plan.step)}); try a lower optim.lr or set optim.grad_clip"
+            )
         if not self.d.is_main:
             self.d.barrier()
             return self.run.checkpoint_at(plan.step)
@@ -245,6 +322,7 @@ class Learner:
                 "data_fingerprint": data_fingerprint,
                 "next_row": plan.start_row + plan.rows,
                 "world_size": self.d.world,
+                "dropout_rng": "torch RNG seeded per step from (seed, step, objective, rank)",
                 "parallel": (self.stage.distributed.strategy if self.d.enabled else "none"),  # how the model was wrapped
             }
             (tdir / "state.json").write_text(json.dumps(doc, indent=2, sort_keys=True, default=_json_default) + "\n")
@@ -258,14 +336,20 @@ class Learner:
             tokenizer_dir=self.tokenizer_dir,
             extra_writer=write_trainer,
         )
-        if self.stage.checkpoint.keep == "last":
-            for step, p in self.run.list_checkpoints():
-                if step != plan.step:
-                    import shutil
-
-                    shutil.rmtree(p, ignore_errors=True)
         self.d.barrier()
         return path
+
+    def prune(self, keep_step: int) -> None:
+        """checkpoint.keep=last: drop older checkpoints (called once every side of a pair saved keep_step)."""
+        if not self.d.is_main or self.stage.checkpoint.keep != "last":
+            return
+        import shutil
+
+        for step, p in self.run.list_checkpoints():
+            if step < keep_step:
+                if self.tokenizer_dir is not None and Path(self.tokenizer_dir).parent == p:
+                    self.tokenizer_dir = self.run.checkpoint_at(keep_step) / ckpt.TOKENIZER_DIR  # the same files
+                shutil.rmtree(p, ignore_errors=True)
 
     def load_optimizer(self, path: Path) -> dict:
         tdir = path / TRAINER_DIR
@@ -312,15 +396,16 @@ class Learner:
         amp = torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
         loss_sum = torch.zeros((), device=dev, dtype=torch.float32)
         scale = self.d.world / max(1, n_loss)
-        for i, c in enumerate(chunks):
-            x = inputs[c : c + mb].to(dev, non_blocking=True)
-            y = labels[c : c + mb].to(dev, non_blocking=True)
-            dm = docs_m[c : c + mb].to(dev, non_blocking=True) if st.train.document_masking else None
-            with D.grad_sync(self.wrapped, sync=(i == len(chunks) - 1)), amp:
-                # summed CE over y != -100: sparse prediction + fused, chunked head and loss
-                ce = self.wrapped(x, doc_ids=dm, labels=y)
-                (ce * scale).backward()
-            loss_sum += ce.detach()
+        with step_rng(st.train.seed, plan.step, self.objective, self.d):  # this step's dropout masks
+            for i, c in enumerate(chunks):
+                x = inputs[c : c + mb].to(dev, non_blocking=True)
+                y = labels[c : c + mb].to(dev, non_blocking=True)
+                dm = docs_m[c : c + mb].to(dev, non_blocking=True) if st.train.document_masking else None
+                with D.grad_sync(self.wrapped, sync=(i == len(chunks) - 1)), amp:
+                    # summed CE over y != -100: sparse prediction + fused, chunked head and loss
+                    ce = self.wrapped(x, doc_ids=dm, labels=y)
+                    (ce * scale).backward()
+                loss_sum += ce.detach()
         clip = st.optim.grad_clip if st.optim.grad_clip is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), clip)
         if hasattr(grad_norm, "full_tensor"):
@@ -431,7 +516,49 @@ def check_vocab(cfg: ModelConfig, data_over: dict, where, mix) -> None:
 
 
 # -- the loop ---------------------------------------------------------------------------------
-def train(
+def train(recipe: str | Path, out: str | Path, **kw) -> dict:
+    """Train (or resume) one model or a lockstep pair; returns a summary dict.
+
+    The run directory is locked for the whole run (one writer; see :mod:`ettin.lock`); a run
+    that fails before writing anything leaves no directory behind.
+    """
+    from ettin.lock import LOCK_FILE, run_lock
+    from ettin.safety import check_parent
+
+    load_recipe(recipe, kw.get("overrides"))  # a bad recipe or --set fails before anything is created
+    out = Path(out)
+    check_parent(out)
+    if out.exists() and not out.is_dir():
+        raise EttinError(f"{out}: exists and is a file; --out takes a run directory")
+    created = not out.exists()
+    main = int(os.environ.get("RANK", "0")) == 0
+    try:
+        with run_lock(out, enabled=main):
+            from ettin.fsutil import remove_stale_tmp
+
+            for sub in (out, out / "checkpoints", out / "encoder", out / "encoder" / "checkpoints", out / "decoder", out / "decoder" / "checkpoints"):
+                remove_stale_tmp(sub)  # leftovers of a killed run (we hold the lock: no other writer)
+            return _train(recipe, out, **kw)
+    except BaseException:
+        if created and main and out.is_dir() and _nothing_written(out, LOCK_FILE):
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _nothing_written(out: Path, lock_file: str) -> bool:
+    """A run directory this call created holds nothing of value: no checkpoint, no metric line."""
+    for p in out.rglob("*"):
+        if p.is_dir() or p.name in (lock_file, "recipe.yaml", "plan.json"):  # both derived from the recipe
+            continue
+        if p.name == "metrics.jsonl" and p.stat().st_size == 0:
+            continue
+        return False
+    return True
+
+
+def _train(
     recipe: str | Path,
     out: str | Path,
     *,
@@ -441,10 +568,10 @@ def train(
     progress: bool = True,
     kind: str | None = None,
 ) -> dict:
-    """Train (or resume) one model or a lockstep pair; returns a summary dict."""
     stages = load_recipe(recipe, overrides)
     if kind is not None:
         stages = [replace(s, model=replace(s.model, kind=kind)) for s in stages]
+    stages = budget.resolve_samples(stages, open_mixture)  # train.tokens_per_sample: auto -> tokens
     d = D.init(stages[0].train.device, stages[0].distributed.backend)
     if d.device.type == "cpu":
         from ettin.model.transformer import tune_cpu_allocator
@@ -467,16 +594,13 @@ def train(
     first = run_stages[sides[0][0]]
     plan = Plan(first)
     total = plan.total_steps()
+    stage_plan = plan.stage_summary()  # steps and tokens per step of each stage, printed and saved
     stop_at = total if max_steps is None else min(total, max_steps)
 
     # where to start: the last checkpoint common to all sides
     learners = [Learner(k, run, d) for k, run in sides]
-    last_steps = [(ln.run.list_checkpoints() or [(0, None)])[-1][0] for ln in learners]
-    start = min(last_steps)
-    if pair and len(set(last_steps)) > 1:
-        for ln in learners:
-            if start and not ln.run.checkpoint_at(start).is_dir():
-                raise EttinError(f"{ln.run.root}: no checkpoint at step {start} to resume the pair in lockstep")
+    common = set.intersection(*[{step for step, _ in ln.run.list_checkpoints()} for ln in learners])
+    start = max(common) if common else 0  # a pair resumes in lockstep from the last step both sides saved
 
     mixes: dict[int, object] = {}
 
@@ -522,21 +646,29 @@ def train(
             ln.open_metrics(start)
         if pair:
             atomic_write_text(out / "recipe.yaml", stages_to_yaml(first))
+        for root in {out} | {ln.run.root for ln in learners}:
+            budget.write_plan(root / "plan.json", stage_plan)
+        if progress:
+            for line in budget.plan_lines(stage_plan):
+                print(f"plan {line}", flush=True)
 
     if start >= stop_at:
         for ln in learners:
             ln.close()
-        return {"steps": start, "resumed_from": start, "finished": start >= total, "runs": [str(ln.run.root) for ln in learners]}
+        return {"steps": start, "resumed_from": start, "finished": start >= total, "runs": [str(ln.run.root) for ln in learners], "plan": stage_plan}
 
     nparams = learners[0].model.num_params()
     peak = first[0].logging.peak_flops or _device_peak(d.device)
     bar = _Progress(enabled=progress and d.is_main, total=stop_at, start=start)
 
     pin = d.device.type == "cuda"
+    vocab = min(ln.model.config.vocab_size for ln in learners)
 
     def fetch(si: int, row: int, n: int):
         """Rows of the global batch, read from the memmaps (and pinned for a fast copy to the GPU)."""
         ids, docs = mix_for(si).rows(row, n)
+        if ids.size and int(ids.max()) >= vocab:  # cheap; the full check is 'ettin data verify'
+            raise EttinError(f"data of stage '{first[si].name}': token id {int(ids.max())} is outside the model's vocabulary of {vocab} (corrupt shard? run 'ettin data verify')")
         ids = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
         docs = torch.from_numpy(np.ascontiguousarray(docs).astype(np.int64))
         return (ids.pin_memory(), docs.pin_memory()) if pin else (ids, docs)
@@ -563,6 +695,7 @@ def train(
                     f"step {step}: batch of {p.rows} sequences does not split over {d.world} processes; make train.global_batch, "
                     "train.batch_warmup_start and train.batch_multiple multiples of the world size"
                 )
+            faults.point("train-step")
             bh = batch_hash(ids)
             results = {}
             for ln in learners:
@@ -577,9 +710,10 @@ def train(
                         "lower train.micro_batch (the global batch stays the same) or set model.activation_checkpointing=true"
                     ) from None
                 if not math.isfinite(r["loss"]):
-                    good = ln.run.list_checkpoints()
-                    where = f"last good checkpoint: {good[-1][1]}" if good else "no checkpoint was written yet"
-                    raise EttinError(f"step {step}: {ln.kind} loss is {r['loss']}; run stopped ({where}); try a lower optim.lr or optim.grad_clip")
+                    # the loss of step s comes from the weights after step s-1: a checkpoint there is not good
+                    where = last_good_text(ln.run, step - 1)
+                    moved = _set_aside_bad(learners, step - 1, start) if d.is_main else ""
+                    raise EttinError(f"step {step}: {ln.kind} loss is {r['loss']}; run stopped ({where}{moved}); try a lower optim.lr or optim.grad_clip")
                 results[ln.kind] = r
             now = time.perf_counter()
             dt = now - t_prev
@@ -603,6 +737,7 @@ def train(
                     "loss": r["loss"],
                     "lr": p.lr,
                     "batch_size": p.rows,
+                    "samples": p.samples,
                     "seq_len": p.seq_len,
                     "mask_rate": p.mask_rate if ln.objective != "clm" else 0.0,
                     "grad_norm": r["grad_norm"],
@@ -623,8 +758,12 @@ def train(
             crossed = (p.tokens_before + p.tokens) // every > p.tokens_before // every
             if crossed or stage_end or step == stop_at:
                 fp = mix_for(p.stage_index).fingerprint
-                for ln in learners:
+                for i, ln in enumerate(learners):
                     ln.save(p, stage_end, fp)
+                    if i + 1 < len(learners):
+                        faults.point("between-pair-saves")
+                for ln in learners:  # only now: until every side has step p, each keeps the last common one
+                    ln.prune(p.step)
             bar.update(step, {k: r["loss"] for k, r in results.items()}, tok_s, first[p.stage_index].name,
                        mfu=rec["mfu"], gpu_gib=gpu_peak)
     finally:
@@ -638,6 +777,7 @@ def train(
         "first_loss": first_losses,
         "last": last,
         "runs": [str(ln.run.root) for ln in learners],
+        "plan": stage_plan,
     }
 
 
