@@ -210,6 +210,10 @@ class StudyPlan:
     data_dir: Path | None  # evaluation data
     pretrain: list[Path]
     tasks: list[str]
+    # True while the data unit is unfinished and a stage measures ``tokens_per_sample: auto`` on
+    # the data: checkpoint steps (and so evaluation units) are estimated with full rows until
+    # the data exists; the runner re-plans after the data unit
+    provisional: bool = False
 
     @property
     def by_name(self) -> dict[str, Unit]:
@@ -458,10 +462,13 @@ def build_plan(cfg: StudyConfig) -> StudyPlan:
     for t in task_names:
         task_hash[t] = _task_hash(t, data_dir)
 
+    provisional = False
     for size in cfg.sizes:
         stages, cross = resolve_stages(cfg, size, shards)
         stages_by[size], cross_by[size] = stages, cross
-        ckpts = predicted_checkpoints(stages)
+        measured, exact = measured_stages(stages + [cross], data_unit.done())
+        provisional = provisional or not exact
+        ckpts = predicted_checkpoints(measured[:3])
         prev = None
         producers = {}
         for k, st in enumerate(stages):
@@ -475,7 +482,7 @@ def build_plan(cfg: StudyConfig) -> StudyPlan:
         pre_tokens = ckpts[-1][2]
         lines.append(ModelLine(size, "encoder", "encoder", "mlm", "scratch", pair_ck))
         lines.append(ModelLine(size, "decoder", "decoder", "clm", "scratch", pair_ck))
-        conv_ck = predicted_checkpoints([cross])
+        conv_ck = predicted_checkpoints(measured[3:])
         for name, (src, obj) in CONVERSIONS.items():
             u = add(Unit(f"{size}/convert/{name}", "convert", units_dir / size / "convert" / name,
                          {"stage": stage_fingerprint_dict(cross), "source": src, "objective": obj}, deps=(last_pair,),
@@ -494,7 +501,23 @@ def build_plan(cfg: StudyConfig) -> StudyPlan:
                              units_dir / size / "eval" / ln.name / f"{step:08d}" / f"{_safe(t)}.json",
                              {"model": ln.name, "step": step, "task": t, "options": eval_opts, "data": task_hash[t]},
                              deps=(prod,), size=size, model=ln.name, step=step, task=t))
-    return StudyPlan(cfg, units, lines, stages_by, cross_by, data_dir, pretrain, task_names)
+    return StudyPlan(cfg, units, lines, stages_by, cross_by, data_dir, pretrain, task_names, provisional)
+
+
+def measured_stages(stages: list, data_ready: bool) -> tuple[list, bool]:
+    """Stages with ``train.tokens_per_sample: auto`` replaced by the figure measured on the data
+    (as the trainer does), or by full rows while the data is not prepared yet (then False)."""
+    from dataclasses import replace
+
+    if not any(s.train.tokens_per_sample == "auto" for s in stages):
+        return stages, True
+    if data_ready:
+        from ettin.train.budget import resolve_samples
+        from ettin.train.trainer import open_mixture
+
+        return resolve_samples(stages, open_mixture), True
+    return [replace(s, train=replace(s.train, tokens_per_sample=float(s.train.seq_len)))
+            if s.train.tokens_per_sample == "auto" else s for s in stages], False
 
 
 def _safe(name: str) -> str:
