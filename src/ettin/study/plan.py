@@ -55,9 +55,9 @@ class Preset:
 PRESETS = {
     # two sizes, each a pair + two conversions + every model evaluated at every checkpoint on
     # the whole suite (examples capped), on 2 CPU cores
-    # (stage ends only: encoders scored left to right on multiple choice are the costly part)
+    # (stage ends only; 256 sequences per forward pass: 4-7x faster encoder MC scoring than 32)
     "cpu": Preset("cpu", ("micro", "tiny"), None, "small", 2048, 1, 1, None,
-                  {"limit": 32, "seeds": (0, 1), "lrs": (3e-4,), "epochs": 1, "batch_size": 32,
+                  {"limit": 64, "seeds": (0, 1), "lrs": (3e-4,), "epochs": 1, "batch_size": 256,
                    "retrieval_epochs": 1, "max_new_tokens": 16}),
     # the paper's three smallest sizes with one shared token budget; fits a few GPU hours
     "gpu": Preset("gpu", ("17m", "32m", "68m"), 1.0e9, "ettin-{size}", 32768, 4, 2, 262_144,
