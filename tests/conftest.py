@@ -6,6 +6,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Progress lines appear once work takes 2 s, which a loaded CI machine reaches anywhere; tests that
+# check output would then depend on speed. tests/test_progress.py turns it back on where it is tested.
+os.environ.setdefault("ETTIN_QUIET", "1")
 # Tiny models run fastest (and most reproducibly) on one thread; CI has 2 cores.
 torch.set_num_threads(1)
 

@@ -196,7 +196,9 @@ def test_uint32_for_large_vocabularies(tmp_path):
     assert stored_docs(tmp_path / "out") == [[0, 5, 70000, 1], [0, 70000, 70000, 4, 1]]
 
 
-def test_tokenizer_copy_and_progress(tmp_path, tok, capsys):
+def test_tokenizer_copy_and_progress(tmp_path, tok, capsys, monkeypatch):
+    monkeypatch.setenv("ETTIN_PROGRESS_INTERVAL", "0.001")  # even a quick run prints its progress line
+    monkeypatch.delenv("ETTIN_QUIET", raising=False)
     src = write_jsonl(tmp_path / "in.jsonl", texts_for(20))
     prepare([src], tok, tmp_path / "out", workers=1, progress=True, name="web")
     assert T.tokenizer_hash(tmp_path / "out" / "tokenizer") == T.tokenizer_hash(tok)

@@ -67,6 +67,8 @@ def test_export_keeps_transformers_logits_and_imports_the_dropout(tmp_path, caus
     ids = torch.randint(4, V, (2, 50), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (m.eval()(ids) - theirs(input_ids=ids).logits).abs().max().item() <= 1e-4
+    mem = H.load_hf_as_model(out)
+    assert mem.training is False and mem.config.attn_out_dropout == 0.1  # in-memory imports too
     back = H.import_hf(out, tmp_path / "back")
     assert load_config(back).attn_out_dropout == 0.1
 

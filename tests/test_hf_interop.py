@@ -415,19 +415,22 @@ def _bad_cases(work: Path, exported_dirs: dict) -> dict:
     shutil.copytree(exported_dirs["export"], trunc_hf, dirs_exist_ok=True)
     w = trunc_hf / "model.safetensors"
     w.write_bytes(w.read_bytes()[:100])
+    pair = work / "bad-pair"
+    for side in ("encoder", "decoder"):
+        shutil.copytree(ckpt, pair / side / "checkpoints" / "1", dirs_exist_ok=True)
     return {
         "export-missing": (["export", work / "nope"], "no such checkpoint"),
         "export-truncated": (["export", trunc], "truncated"),
-        "export-not-ettin": (["export", exported_dirs["export"]], "not an ettin checkpoint"),
+        "export-pair": (["export", pair], f"use {pair / 'encoder'} or {pair / 'decoder'}"),
         "import-bert": (["import", bert], "BertForMaskedLM"),
         "import-no-weights": (["import", noweights], "no weights"),
         "import-truncated": (["import", trunc_hf], "truncated"),
         "import-no-config": (["import", ckpt], "already an ettin checkpoint"),
-        "import-missing": (["import", work / "nope"], "no such directory"),
+        "import-missing": (["import", work / "nope"], "no such checkpoint, run directory or Hugging Face directory"),
     }
 
 
-BAD = ["export-missing", "export-truncated", "export-not-ettin", "import-bert", "import-no-weights", "import-truncated", "import-no-config", "import-missing"]
+BAD = ["export-missing", "export-truncated", "export-pair", "import-bert", "import-no-weights", "import-truncated", "import-no-config", "import-missing"]
 
 
 @pytest.mark.parametrize("case", BAD)

@@ -65,7 +65,7 @@ def _evals(run: Path, kind: str, objective: str, origin: str, steps: list[dict],
     for j, st in enumerate(at):
         res = {
             "arc_easy": {"acc": round(base + 0.01 * j, 4), "acc_norm": round(base + 0.02 * j, 4), "n": 570},
-            "wikitext2": {"perplexity": 900.5 - 100 * j - 10 * base, "bits_per_byte": 3.25 - 0.1 * j, "n": 60},
+            "wikitext2": {"perplexity": 900.5 - 100 * j - 10 * base, "bits_per_byte": 3.25 - 0.1 * j, "tokens": 24_000 + j, "n": 60},
         }
         if j == len(at) - 1:  # winogender only on the final checkpoint, named as `ettin eval` names them
             male = round(0.5 + base / 10, 4)
@@ -231,15 +231,47 @@ def test_native_vs_converted_table(demo, report):
     r = by[("demo/convert/mntp", "arc_easy", "acc")]
     assert r[2] == "demo/pair/encoder"
     assert (int(r[5]), int(r[6])) == (demo["steps"]["pair/encoder"][11]["tokens"], demo["steps"]["convert/mntp"][4]["tokens"])
-    assert float(r[7]) == final["pair/encoder"]["arc_easy"]["acc"] and float(r[8]) == final["convert/mntp"]["arc_easy"]["acc"]
-    assert math.isclose(float(r[9]), final["convert/mntp"]["arc_easy"]["acc"] - final["pair/encoder"]["arc_easy"]["acc"])
+    assert (int(r[7]), int(r[8])) == (570, 570)  # the n behind each side's score
+    assert float(r[9]) == final["pair/encoder"]["arc_easy"]["acc"] and float(r[10]) == final["convert/mntp"]["arc_easy"]["acc"]
+    assert math.isclose(float(r[11]), final["convert/mntp"]["arc_easy"]["acc"] - final["pair/encoder"]["arc_easy"]["acc"])
     r = by[("demo/convert/clm", "wikitext2", "perplexity")]
-    assert r[2] == "demo/pair/decoder" and float(r[8]) == final["convert/clm"]["wikitext2"]["perplexity"]
+    assert r[2] == "demo/pair/decoder" and float(r[10]) == final["convert/clm"]["wikitext2"]["perplexity"]
     # the in-training eval line (only at step 4) still counts as that task's final value
-    assert float(by[("demo/convert/clm", "eval", "val_loss")][7]) == 7.25
+    assert float(by[("demo/convert/clm", "eval", "val_loss")][9]) == 7.25
     assert ("demo/convert/clm", "arc_easy", "n") not in by  # counts are not scores
+    assert ("demo/convert/clm", "wikitext2", "tokens") not in by
     conv = [k for k in by if k[0] == "demo/convert/clm"]
     assert len(conv) == 2 + 2 + 10 + 1  # arc (acc, acc_norm), wikitext (2), winogender (9 shares + r), val_loss
+
+
+def test_final_scores_show_n_and_no_counts_as_metrics(demo, report):
+    rows = _table(report.read_text(), "Final checkpoint scores")
+    by = {(r[0], r[1]): r[2:] for r in rows}
+    assert [float(x) for x in by[("arc_easy", "n (examples)")]] == [570.0] * 4
+    assert [float(x) for x in by[("wikitext2", "n (examples)")]] == [60.0] * 4
+    assert ("wikitext2", "tokens") not in by and ("wikitext2", "n") not in by
+    assert [k[1] for k in by if k[0] == "wikitext2"] == ["n (examples)", "perplexity", "bits_per_byte"]
+
+
+def test_every_panel_has_a_legend_of_its_runs(demo):
+    from ettin.report import plots
+    from ettin.report.report import _task_metrics
+
+    runs = discover_runs([demo["root"]])
+    styles = plots.run_styles(runs)
+    # a --limit run among full ones: its n differs, and the legend says so
+    limited = runs[1].evals[-1].results["arc_easy"]
+    limited["n"] = 10
+    fig = plots.task_figure("arc_easy", _task_metrics(runs)["arc_easy"], runs, styles)
+    assert len(fig.axes) == 2
+    for ax in fig.axes:
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert len(labels) == 4, labels
+        assert f"{runs[0].label} (n=570)" in labels and f"{runs[1].label} (n=10-570)" in labels
+    fig = plots.schedule_figure(runs, styles)
+    for ax in fig.axes:
+        if ax.lines:
+            assert ax.get_legend() is not None and len(ax.get_legend().get_texts()) == len({ln.get_label() for ln in ax.lines})
 
 
 def test_winogender(demo, report):

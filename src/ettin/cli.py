@@ -6,7 +6,9 @@ Command modules (``ettin.<concern>.commands``) expose ``register(app)``. Anythin
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -51,7 +53,7 @@ def init(
     out: Path = typer.Option(..., "--out", help="Checkpoint directory to write."),
     vocab_size: int = typer.Option(None, "--vocab-size", help="Vocabulary size (default 50,368; small values use ids 0-3 as specials)."),
     tokenizer: Path = typer.Option(None, "--tokenizer", help="Tokenizer directory to store with the checkpoint (sets vocabulary and special ids)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Random seed of the initialisation."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out that is not an ettin checkpoint."),
 ):
     """Write a randomly initialised checkpoint."""
@@ -110,8 +112,64 @@ def _register_all() -> None:
                 continue
             raise
         mod.register(app)
+    _add_quiet(app)
 
 
+# Commands that run long enough to show progress; each gets --quiet/-q (ettin.progress).
+_LONG_COMMANDS = {"train", "pair", "convert", "export", "import", "eval", "embed", "report", "demo", "study", "prepare"}
+
+
+def _add_quiet(typer_app: typer.Typer) -> None:
+    """Give every long command a ``--quiet/-q`` flag that silences ettin.progress (bars, status
+    lines), without each command module declaring it; a command's own ``quiet`` also sets it."""
+    from ettin.progress import set_quiet
+
+    for info in typer_app.registered_commands:
+        cb = info.callback
+        name = info.name or (cb.__name__.replace("_", "-") if cb else "")
+        if cb is None or getattr(cb, "_ettin_quiet", False) or (name not in _LONG_COMMANDS and not name.endswith("train")):
+            continue
+        sig = inspect.signature(cb)
+        own = "quiet" in sig.parameters
+
+        def wrapped(*args, _cb=cb, _own=own, **kwargs):
+            q = kwargs.get("quiet") if _own else kwargs.pop("quiet", False)
+            set_quiet(True if q else None)
+            return _cb(*args, **kwargs)
+
+        functools.update_wrapper(wrapped, cb)
+        wrapped._ettin_quiet = True
+        if not own:
+            opt = typer.Option(False, "--quiet", "-q", help="No progress bars or status lines (results and errors still print).")
+            params = list(sig.parameters.values()) + [inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=bool)]
+            wrapped.__signature__ = sig.replace(parameters=params)
+            wrapped.__annotations__ = {**getattr(cb, "__annotations__", {}), "quiet": bool}
+        info.callback = wrapped
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _add_quiet(group.typer_instance)
+
+
+def _no_bool_metavar() -> None:
+    """typer prints ``<bool>`` after every flag in --help; a flag takes no value, so show none."""
+    try:
+        from typer.core import TyperOption
+    except ImportError:  # pragma: no cover - typer always has it
+        return
+    if getattr(TyperOption.display_type_rich, "_ettin", False):
+        return
+    orig = TyperOption.display_type_rich
+
+    def display_type_rich(self, ctx):
+        if getattr(self, "is_flag", False) and not getattr(self, "count", False):
+            return None
+        return orig(self, ctx)
+
+    display_type_rich._ettin = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_no_bool_metavar()
 _register_all()
 
 
@@ -154,6 +212,10 @@ def _flush_stdout() -> str | None:
 def main() -> None:
     """Run the CLI; every failure is one line on stderr (ETTIN_DEBUG=1 keeps tracebacks of bugs)."""
     import os
+
+    from ettin.progress import wide_output
+
+    wide_output()  # off a terminal, tables and help are not wrapped at 80 columns
 
     debug = os.environ.get("ETTIN_DEBUG") not in (None, "", "0")
     code: int | str | None = 0

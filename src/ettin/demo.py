@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import typer
-import yaml
 
 from ettin.errors import EttinError
 
@@ -21,7 +20,10 @@ from ettin.errors import EttinError
 def _say(msg: str) -> None:
     from rich.console import Console
 
-    Console(stderr=False).print(f"[bold cyan]ettin demo[/] {msg}")
+    from ettin.progress import is_quiet
+
+    if not is_quiet():
+        Console(stderr=False).print(f"[bold cyan]ettin demo[/] {msg}", soft_wrap=True)
 
 
 def _read_corpus(path: Path) -> list[str]:
@@ -57,6 +59,8 @@ def _resolve_recipes(out: Path, data_dir: Path, scale: float) -> Path:
     """Copy the small recipes into OUT/recipes with the demo's data path filled in."""
     from importlib.resources import files
 
+    import yaml
+
     src = Path(str(files("ettin") / "recipes" / "small"))
     dst = out / "recipes"
     dst.mkdir(parents=True, exist_ok=True)
@@ -78,6 +82,19 @@ def _resolve_recipes(out: Path, data_dir: Path, scale: float) -> Path:
 
 
 def run_demo(out: Path, *, scale: float = 1.0, vocab_size: int = 2048, evaluate: bool = True, progress: bool = True, eval_limit: int | None = None) -> dict:
+    """Run every step; ``progress=False`` silences bars and narration (as ``--quiet`` does)."""
+    from ettin import progress as P
+
+    saved = P._quiet
+    if not progress:
+        P.set_quiet(True)
+    try:
+        return _run_demo(out, scale=scale, vocab_size=vocab_size, evaluate=evaluate, progress=progress, eval_limit=eval_limit)
+    finally:
+        P.set_quiet(saved)
+
+
+def _run_demo(out: Path, *, scale: float, vocab_size: int, evaluate: bool, progress: bool, eval_limit: int | None) -> dict:
     from ettin.data import demo_corpus_path, demo_heldout_path
     from ettin.data.prepare import prepare
     from ettin.data.tokenizer import train_tokenizer
@@ -99,7 +116,18 @@ def run_demo(out: Path, *, scale: float = 1.0, vocab_size: int = 2048, evaluate:
     # 2. tokenizer and prepared shards
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
-        train_tokenizer(iter(train_texts), tok_dir, vocab_size, sources=[str(corpus)])
+        from ettin.progress import progress as bar
+
+        with bar(len(train_texts), "tokenizer: reading", "docs") as b:
+
+            def texts():
+                for t in train_texts:
+                    b.advance(1)
+                    yield t
+                b.update(desc="tokenizer: computing merges")
+
+            train_tokenizer(texts(), tok_dir, vocab_size, sources=[str(corpus)])
+        _say(f"trained a {vocab_size}-token BPE tokenizer -> {tok_dir}")
     data_dir = out / "data"
     if not (data_dir / "manifest.json").is_file():
         man = prepare([corpus], tok_dir, data_dir, name="demo", workers=2, progress=progress)
@@ -147,6 +175,8 @@ def run_demo(out: Path, *, scale: float = 1.0, vocab_size: int = 2048, evaluate:
 
     # 7. the report
     from ettin.report import write_report
+
+    _say("writing the report")
 
     report = write_report([out / "pair", conv], out / "report.html")
     summary["report"] = str(report)

@@ -99,6 +99,16 @@ def fsync_tree(path: Path) -> None:
         _fsync_dir(Path(root))
 
 
+def _usual_modes(root: Path) -> None:
+    """safetensors writes its files 0600 whatever the umask; give weights the mode every other
+    file gets (0666 minus the umask), so a shared checkpoint or export is readable like its JSON."""
+    mode = 0o666 & ~_umask()
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            if f.endswith(".safetensors"):
+                os.chmod(os.path.join(dirpath, f), mode)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike, *, overwrite: bool = True):
     """Yield a temporary directory; on success it replaces ``target`` in one rename.
@@ -115,6 +125,7 @@ def atomic_dir(target: str | os.PathLike, *, overwrite: bool = True):
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a finished directory gets the usual mode
     try:
         yield tmp
+        _usual_modes(tmp)
         fsync_tree(tmp)
         faults.point("atomic-dir-before-rename")
         if target.exists():

@@ -10,7 +10,7 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("export")
     def export_cmd(
-        checkpoint: Path = typer.Argument(..., help="An ettin checkpoint directory."),
+        checkpoint: Path = typer.Argument(..., help="A checkpoint, a run directory (its last checkpoint), a Hugging Face directory or a Hub id (ORG/NAME)."),
         out: Path = typer.Option(..., "--out", help="Hugging Face directory to write."),
         force: bool = typer.Option(False, "--force", help="Replace --out even if it holds something else."),
     ):
@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("import")
     def import_cmd(
-        hf_dir: Path = typer.Argument(..., help="A local transformers ModernBERT / ModernBERT-decoder directory."),
+        hf_dir: Path = typer.Argument(..., help="A transformers ModernBERT / ModernBERT-decoder directory, or a Hub id (ORG/NAME) fetched into the HF cache."),
         out: Path = typer.Option(..., "--out", help="ettin checkpoint directory to write."),
         force: bool = typer.Option(False, "--force", help="Replace --out even if it holds something else."),
     ):

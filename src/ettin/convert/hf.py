@@ -499,7 +499,7 @@ def read_hf_config(hf_dir: str | Path) -> dict:
     """config.json as plain JSON (never through transformers: no auto_map, no remote code)."""
     hf_dir = Path(hf_dir)
     if not hf_dir.exists():
-        hint = " (ettin reads local directories only; fetch a Hub model first, e.g. 'hf download ORG/NAME --local-dir DIR')" if not hf_dir.is_absolute() and len(hf_dir.parts) == 2 else ""
+        hint = " (ettin import/eval/export/convert/embed fetch a Hub id ORG/NAME themselves)" if not hf_dir.is_absolute() and len(hf_dir.parts) == 2 else ""
         raise EttinError(f"{hf_dir}: no such directory{hint}")
     if not hf_dir.is_dir():
         raise EttinError(f"{hf_dir}: not a directory")
@@ -618,10 +618,27 @@ def load_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], l
         notes.append(f"{hf_dir}: {arch or 'the model'} has no language-modelling head; the head (dense, norm, output bias) is initialised randomly")
     _check_state(state, config, str(hf_dir), allow_missing=HEAD_KEYS)
     if tok is not None:
-        n = len((tok.get("model") or {}).get("vocab") or {}) + len(tok.get("added_tokens") or [])
-        if n > config.vocab_size:
-            notes.append(f"{hf_dir}: tokenizer has about {n} tokens but the model only {config.vocab_size}")
+        top = max_token_id(tok)
+        if top is not None and top >= config.vocab_size:
+            notes.append(f"{hf_dir}: the tokenizer produces ids up to {top} but the model's vocabulary has {config.vocab_size} "
+                         f"(ids {config.vocab_size}..{top} would fall outside the embedding)")
     return config, state, notes
+
+
+def max_token_id(tokenizer_json: dict) -> int | None:
+    """The largest id a tokenizer.json can produce: its model's vocabulary and its added tokens
+    (which mostly repeat vocabulary entries, so counting both would overstate the size)."""
+    ids: list[int] = []
+    vocab = (tokenizer_json.get("model") or {}).get("vocab")
+    if isinstance(vocab, dict):
+        ids.extend(v for v in vocab.values() if isinstance(v, int))
+    elif isinstance(vocab, list):  # Unigram: [[piece, score], ...], the id is the position
+        if vocab:
+            ids.append(len(vocab) - 1)
+    for t in tokenizer_json.get("added_tokens") or []:
+        if isinstance(t, dict) and isinstance(t.get("id"), int):
+            ids.append(t["id"])
+    return max(ids) if ids else None
 
 
 def _build(config: ModelConfig, state: dict[str, torch.Tensor]):
@@ -633,13 +650,13 @@ def _build(config: ModelConfig, state: dict[str, torch.Tensor]):
             model = Transformer(config, init=False)
         model = model.to_empty(device="cpu")
         model.load_state_dict(state, strict=True)
-        return model
+        return model.eval()  # inference mode: no attention-output dropout
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = Transformer(config)
     result = model.load_state_dict(state, strict=False)
     assert set(result.missing_keys) <= set(HEAD_KEYS) and not result.unexpected_keys, result
-    return model
+    return model.eval()
 
 
 def load_hf_as_model(hf_dir: str | Path):
@@ -654,7 +671,14 @@ def import_hf(hf_dir: str | Path, out_ckpt: str | Path, *, force: bool = False) 
     """Write an ettin checkpoint from a local transformers ModernBERT directory (atomically)."""
     from ettin.checkpoint import is_checkpoint, save_checkpoint
 
-    hf_dir, out_ckpt = Path(hf_dir), Path(out_ckpt)
+    from ettin.resolve import resolve_model
+
+    out_ckpt = Path(out_ckpt)
+    r = resolve_model(hf_dir)  # a local transformers directory or a Hub id (fetched into the HF cache)
+    if r.kind != "hf":
+        what = {"checkpoint": "an ettin checkpoint", "run": "an ettin run directory", "pair": "an ettin pair run"}.get(r.kind, "a directory of ettin runs")
+        raise EttinError(f"{hf_dir}: already {what}, nothing to import (use it directly, or 'ettin export' it to get a Hugging Face directory)")
+    hf_dir = r.path
     _check_out(out_ckpt, hf_dir, force=force, ours=is_checkpoint(out_ckpt))
     config, state, notes = load_hf(hf_dir)
     for n in notes:
@@ -662,7 +686,7 @@ def import_hf(hf_dir: str | Path, out_ckpt: str | Path, *, force: bool = False) 
     model = _build(config, state)
     hf = read_hf_config(hf_dir)
     block = hf.get("ettin") if isinstance(hf.get("ettin"), dict) else {}
-    meta = {"step": 0, "tokens": 0, "imported_from": str(hf_dir.resolve()), "hf_architecture": model_kind(hf)[1]}
+    meta = {"step": 0, "tokens": 0, "imported_from": r.hub_id or str(hf_dir.resolve()), "hf_architecture": model_kind(hf)[1]}
     if isinstance(block.get("meta"), dict) and block["meta"]:
         meta["source_meta"] = block["meta"]
     if any("initialised randomly" in n for n in notes):
@@ -840,32 +864,48 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, *, force: bool 
     from ettin.fsutil import atomic_dir
     from transformers.utils import logging as hf_logging
 
-    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    from ettin.progress import progress
+    from ettin.resolve import single_model
+
+    out_dir = Path(out_dir)
+    r = single_model(ckpt_dir, "export")  # a run: its last checkpoint; a pair: which side?
+    if r.kind == "hf":  # a transformers directory or Hub id: through our format (README, sentence-transformers files)
+        import tempfile
+
+        _check_out(out_dir, r.path, force=force, ours=_is_export(out_dir))
+        with tempfile.TemporaryDirectory(prefix="ettin-export-") as td:
+            return export_checkpoint(import_hf(r.path, Path(td) / "ckpt"), out_dir, force=force)
+    ckpt_dir = r.path
     meta = read_meta(ckpt_dir).get("meta") or {}
     config = load_config(ckpt_dir)
     _check_out(out_dir, ckpt_dir, force=force, ours=_is_export(out_dir))
     hf_config_dict(config, source=str(ckpt_dir))  # refuse an inexpressible window before reading weights
-    state = load_state_dict(ckpt_dir)
-    _check_state(state, config, str(ckpt_dir))
-    from ettin.checkpoint import check_finite
+    with progress(3, f"export {ckpt_dir.name}", "steps", leave=False) as bar:
+        bar.update(doing="reading weights")
+        state = load_state_dict(ckpt_dir)
+        _check_state(state, config, str(ckpt_dir))
+        from ettin.checkpoint import check_finite
 
-    check_finite(state, ckpt_dir)
-    tok_dir = tokenizer_dir(ckpt_dir)
-    tokenizer = _hf_tokenizer(tok_dir, config) if tok_dir is not None else None
-    model = _hf_model(config, to_hf_state_dict(state, config), meta, str(ckpt_dir))
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # one line per command, not a progress bar per shard
-    try:
-        with atomic_dir(out_dir) as tmp:
-            model.save_pretrained(tmp)
-            _add_legacy_keys(tmp / "config.json", config)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-                _patch_json(tmp / "tokenizer_config.json", tokenizer_class="PreTrainedTokenizerFast")
-            if not config.causal:
-                _write_sentence_transformers(tmp, config)
-            (tmp / "README.md").write_text(_readme(config, meta, tokenizer is not None))
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
+        check_finite(state, ckpt_dir)
+        tok_dir = tokenizer_dir(ckpt_dir)
+        tokenizer = _hf_tokenizer(tok_dir, config) if tok_dir is not None else None
+        bar.advance(1, doing="building the transformers model")
+        model = _hf_model(config, to_hf_state_dict(state, config), meta, str(ckpt_dir))
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # one line per command, not a progress bar per shard
+        try:
+            bar.advance(1, doing=f"writing {out_dir}")
+            with atomic_dir(out_dir) as tmp:
+                model.save_pretrained(tmp)
+                _add_legacy_keys(tmp / "config.json", config)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
+                    _patch_json(tmp / "tokenizer_config.json", tokenizer_class="PreTrainedTokenizerFast")
+                if not config.causal:
+                    _write_sentence_transformers(tmp, config)
+                (tmp / "README.md").write_text(_readme(config, meta, tokenizer is not None))
+            bar.advance(1, doing="done")
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
     return out_dir

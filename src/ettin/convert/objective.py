@@ -16,22 +16,19 @@ KIND_FOR = {"mntp": "encoder", "clm": "decoder", "mlm": "encoder"}
 
 
 def resolve_source(source: Path, out: Path) -> Path:
-    """Our checkpoint (or a run's last one) as is; a Hugging Face directory is imported first."""
-    from ettin.train.trainer import RunDir, last_checkpoint
+    """Our checkpoint (or a run's last one) as is; a Hugging Face directory or Hub id is imported
+    first (into OUT/source); a pair run is refused with the side to choose."""
+    from ettin.resolve import single_model
 
-    source = Path(source)
-    if not source.exists():
-        raise EttinError(f"{source}: no such checkpoint")
-    if ckpt.is_checkpoint(source) or RunDir(source).list_checkpoints():
-        return last_checkpoint(source)
-    if (source / "config.json").is_file():
-        from ettin.convert.hf import import_hf
+    r = single_model(source, "convert")
+    if r.kind == "checkpoint":
+        return r.path
+    from ettin.convert.hf import import_hf
 
-        dest = out / "source"
-        if not ckpt.is_checkpoint(dest):
-            import_hf(source, dest)
-        return dest
-    raise EttinError(f"{source}: unknown checkpoint format (expected an ettin checkpoint, a run directory or a Hugging Face directory with config.json)")
+    dest = Path(out) / "source"
+    if not ckpt.is_checkpoint(dest):
+        import_hf(r.hub_id or r.path, dest)
+    return dest
 
 
 def convert(
@@ -67,6 +64,13 @@ def convert(
             cfg = ckpt.load_config(path)
             if cfg.objective == objective and not force:
                 raise EttinError(f"{path}: the model is already trained with {objective} ({cfg.kind}); pass --force to continue anyway")
+            if cfg.kind == KIND_FOR[objective]:
+                import sys
+
+                src = "a decoder" if objective == "mntp" else "an encoder"
+                art = "an" if cfg.kind == "encoder" else "a"
+                print(f"warning: {path} is {art} {cfg.kind}; --objective {objective} continues it as {art} {cfg.kind}, "
+                      f"which is not a cross-objective conversion (that starts from {src})", file=sys.stderr)
             sets = [f"model.init_from={path}", f"train.objective={objective}", "model.load_optimizer=false"] + list(overrides or [])
             return train(recipe, out, overrides=sets, max_steps=max_steps, progress=progress, kind=KIND_FOR[objective])
     except BaseException:

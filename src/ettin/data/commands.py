@@ -37,6 +37,7 @@ def register(app: typer.Typer) -> None:
         """Train a byte-level BPE tokenizer with [CLS] [SEP] [PAD] [MASK] at ids 0-3."""
         from ettin.data.readers import TEXT_UNITS, expand_inputs, iter_texts
         from ettin.data.tokenizer import TOKENIZER_FILE, train_tokenizer
+        from ettin.progress import progress
         from ettin.safety import check_out
         from ettin.validate import check_int
 
@@ -48,14 +49,16 @@ def register(app: typer.Typer) -> None:
                   what="tokenizer directory", inputs=tuple(inputs))
         specs = expand_inputs(inputs)
         t0 = time.perf_counter()
-        info = train_tokenizer(
-            iter_texts(inputs, text_field=text_field, text_unit=text_unit),
-            out,
-            vocab_size,
-            min_frequency=min_frequency,
-            show_progress=not quiet,
-            sources=[str(s.path) for s in specs],
-        )
+        with progress(None, "tokenizer train: reading", "docs", quiet=quiet or None) as bar:
+
+            def texts():
+                for t in iter_texts(inputs, text_field=text_field, text_unit=text_unit):
+                    bar.advance(1)
+                    yield t
+                bar.update(desc="tokenizer train: computing merges")  # no progress from inside the BPE trainer
+
+            info = train_tokenizer(texts(), out, vocab_size, min_frequency=min_frequency, show_progress=False,
+                                   sources=[str(s.path) for s in specs])
         typer.echo(
             f"wrote {out}: {info['real_vocab_size']:,} tokens, model vocabulary {info['vocab_size']:,} "
             f"(specials cls={info['cls_id']} sep={info['sep_id']} pad={info['pad_id']} mask={info['mask_id']}) "

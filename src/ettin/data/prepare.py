@@ -165,49 +165,31 @@ def default_workers() -> int:
 
 
 class _Progress:
-    """A rich progress bar over input bytes, showing tokens/s (or nothing when disabled)."""
+    """Progress over input bytes (MB), showing documents, tokens and tokens/s (ettin.progress)."""
 
     def __init__(self, enabled: bool, total_bytes: int, label: str):
-        self.enabled = enabled
+        from ettin.progress import progress
+
         self.tokens = 0
         self.docs = 0
         self.t0 = time.perf_counter()
-        if not enabled:
-            return
-        from rich.console import Console
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.p = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            DownloadColumn(),
-            TextColumn("{task.fields[docs]:,} docs  {task.fields[tokens]:,} tokens  [cyan]{task.fields[rate]} tok/s"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            transient=False,
-        )
-        self.task = self.p.add_task(label, total=total_bytes or None, docs=0, tokens=0, rate="-")
+        self.p = progress(total_bytes / 1e6 if total_bytes else None, label, "MB", quiet=None if enabled else True)
 
     def __enter__(self):
-        if self.enabled:
-            self.p.__enter__()
+        self.p.start()
         return self
 
     def __exit__(self, *exc):
-        if self.enabled:
-            self.p.__exit__(*exc)
+        self.p.close()
 
     def on_bytes(self, n: int) -> None:
-        if self.enabled:
-            self.p.advance(self.task, n)
+        self.p.advance(n / 1e6)
 
     def on_result(self, docs: int, tokens: int) -> None:
         self.docs += docs
         self.tokens += tokens
-        if self.enabled:
-            dt = max(time.perf_counter() - self.t0, 1e-9)
-            self.p.update(self.task, docs=self.docs, tokens=self.tokens, rate=_si(self.tokens / dt))
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        self.p.update(docs=f"{self.docs:,}", tokens=f"{self.tokens:,}", **{"tok/s": _si(self.tokens / dt)})
 
 
 def _si(x: float) -> str:

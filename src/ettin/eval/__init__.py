@@ -10,10 +10,18 @@ generation), one module per task family (``mc``, ``lm``, ``qa``, ``glue``, ``ret
 ``winogender``), ``tasks`` (names and groups), ``api``, ``commands`` (``ettin eval``).
 """
 
-from ettin.eval.api import evaluate, evaluate_all, prepare, run_prepared
-from ettin.eval.loading import EvalModel, load_for_eval
-from ettin.eval.options import EvalOptions
-from ettin.eval.tasks import GROUP_NAMES, KNOWN, resolve_tasks
+import importlib
+
+# Names load on first use (PEP 562), so `ettin --help` and `ettin eval --help` need no torch.
+_HOME = {"evaluate": "api", "evaluate_all": "api", "prepare": "api", "run_prepared": "api", "EvalModel": "loading",
+         "load_for_eval": "loading", "EvalOptions": "options", "GROUP_NAMES": "tasks", "KNOWN": "tasks", "resolve_tasks": "tasks"}
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        return getattr(importlib.import_module(f"ettin.eval.{_HOME[name]}"), name)
+    raise AttributeError(f"module 'ettin.eval' has no attribute {name!r}")
+
 
 __all__ = ["EvalModel", "EvalOptions", "GROUP_NAMES", "KNOWN", "evaluate", "evaluate_all", "load_for_eval", "prepare",
            "resolve_tasks", "run_prepared"]

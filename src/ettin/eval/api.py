@@ -53,19 +53,59 @@ def prepare(tasks, data_dir, split: str, opts: EvalOptions) -> list[tuple[TaskSp
 def run_prepared(em: EvalModel, prepared: list[tuple[TaskSpec, object]], opts: EvalOptions,
                  on_task: Callable[[str, dict, float], None] | None = None, samples: list | None = None) -> dict[str, dict]:
     """``{task: result}``; ``samples``: a list that gets one dict per example and task (see above)."""
+    from ettin.progress import progress
+
     results: dict[str, dict] = {}
-    for spec, data in prepared:
-        t0 = time.perf_counter()
-        if samples is None:
-            res = spec.module.run(em, spec, data, opts)
-        else:
-            got: list[dict] = []
-            res = spec.module.run(em, spec, data, opts, samples=got)
-            samples.extend({"task": spec.name, **r} for r in got)
-        results[spec.name] = res
-        if on_task is not None:
-            on_task(spec.name, res, time.perf_counter() - t0)
+    label = model_label(em)
+    with progress(len(prepared), f"eval {label}", "tasks", leave=False) as bar:
+        handle = _count_forwards(em, bar)  # inside a long task, the count of forward passes still moves
+        try:
+            for spec, data in prepared:
+                bar.update(desc=f"eval {label}: {spec.name}")
+                t0 = time.perf_counter()
+                if samples is None:
+                    res = spec.module.run(em, spec, data, opts)
+                else:
+                    got: list[dict] = []
+                    res = spec.module.run(em, spec, data, opts, samples=got)
+                    samples.extend({"task": spec.name, **r} for r in got)
+                results[spec.name] = res
+                bar.advance(1)
+                if on_task is not None:
+                    on_task(spec.name, res, time.perf_counter() - t0)
+        finally:
+            if handle is not None:
+                handle.remove()
     return results
+
+
+def _count_forwards(em: EvalModel, bar):
+    """A forward hook that shows the number of forward passes on ``bar`` (None when quiet)."""
+    if not bar.enabled:
+        return None
+    count = [0]
+
+    def hook(*_):
+        count[0] += 1
+        bar.update(forwards=count[0])
+
+    model = em.model
+    # every path (logits, sparse prediction, pooled encodings, cached prefixes) ends in final_norm
+    return getattr(model, "final_norm", model).register_forward_hook(hook)
+
+
+def model_label(em: EvalModel) -> str:
+    """A short name for progress lines: RUN@step for a run's checkpoint, else the directory name."""
+    if em.run_dir is not None and em.step is not None:
+        return f"{Path(em.run_dir).name}@{em.step}"
+    return Path(em.name).name or em.name
+
+
+def models_progress(models: list):
+    """The outer bar of a trajectory or pair (nothing extra for a single model)."""
+    from ettin.progress import progress
+
+    return progress(len(models), "checkpoints", "models", quiet=True if len(models) < 2 else None)
 
 
 def _as_eval_model(model, tokenizer, device: str | None) -> EvalModel:
@@ -128,13 +168,15 @@ def evaluate_all(path, tasks, data_dir=None, split: str = "validation", *, optio
     models = path if isinstance(path, list) else load_for_eval(path, opts.device)
     prepared = prepare(tasks, data_dir, split, opts)
     out = []
-    for em in models:
-        got: list | None = [] if samples is not None else None
-        res = run_prepared(em, prepared, opts, samples=got)
-        if samples is not None:
-            samples.extend(tag_samples(em, got))
-        out.append(record(em, res))
-        if on_model is not None:
-            on_model(em, res)
-        em.release()
+    with models_progress(models) as bar:
+        for em in models:
+            got: list | None = [] if samples is not None else None
+            res = run_prepared(em, prepared, opts, samples=got)
+            if samples is not None:
+                samples.extend(tag_samples(em, got))
+            out.append(record(em, res))
+            if on_model is not None:
+                on_model(em, res)
+            em.release()
+            bar.advance(1)
     return out

@@ -90,7 +90,8 @@ def print_table(em, results: dict, times: dict, console) -> None:
         bits.append(f"step {em.step:,}")
     if em.tokens is not None:
         bits.append(f"{em.tokens:,} tokens")
-    t = Table(title=f"{em.name} ({', '.join(bits)})", title_justify="left")
+    title = f"{em.name} ({', '.join(bits)})"
+    t = Table(title=title, title_justify="left", min_width=min(len(title), console.width))  # the title on one line
     t.add_column("task")
     t.add_column("metrics")
     t.add_column("n", justify="right")
@@ -107,7 +108,7 @@ def print_table(em, results: dict, times: dict, console) -> None:
 def register(app) -> None:
     @app.command("eval")
     def eval_cmd(
-        model: Path = typer.Argument(..., help="Checkpoint, run directory (a trajectory), pair run, or Hugging Face directory."),
+        model: Path = typer.Argument(..., help="Checkpoint, run directory (a trajectory), pair run (both sides), Hugging Face directory or Hub id (ORG/NAME)."),
         tasks: str = typer.Option(..., "--tasks", help="Comma-separated tasks or groups: mc, lm, qa, glue, retrieval, winogender, all."),
         data: Path = typer.Option(None, "--data", help="Data directory in the layout of ../shared/data (default: $ETTIN_DATA)."),
         split: str = typer.Option("validation", "--split", help="Evaluation split (file name prefix)."),
@@ -131,7 +132,7 @@ def register(app) -> None:
         """Evaluate checkpoints on zero-shot and fine-tuned tasks (both sides, same tasks)."""
         from rich.console import Console
 
-        from ettin.eval.api import make_options, prepare, record, run_prepared, tag_samples
+        from ettin.eval.api import make_options, models_progress, prepare, record, run_prepared, tag_samples
         from ettin.eval.loading import load_for_eval
         from ettin.eval.tasks import data_dir_or_default
         from ettin.fsutil import atomic_write_text
@@ -147,17 +148,19 @@ def register(app) -> None:
         prepared = prepare(tasks, data_dir, split, opts)
         records = []
         sample_lines: list[str] = []
-        for em in models:
-            times: dict[str, float] = {}
-            got: list | None = [] if samples_out is not None else None
-            results = run_prepared(em, prepared, opts, on_task=lambda t, r, s: times.__setitem__(t, s), samples=got)
-            if got is not None:
-                sample_lines.extend(json.dumps(_clean(r), ensure_ascii=False) + "\n" for r in tag_samples(em, got))
-            print_table(em, results, times, console)
-            if em.run_dir is not None and not no_log:
-                append_eval_log(em, results, split)
-            records.append(record(em, results))
-            em.release()
+        with models_progress(models) as bar:
+            for em in models:
+                times: dict[str, float] = {}
+                got: list | None = [] if samples_out is not None else None
+                results = run_prepared(em, prepared, opts, on_task=lambda t, r, s: times.__setitem__(t, s), samples=got)
+                if got is not None:
+                    sample_lines.extend(json.dumps(_clean(r), ensure_ascii=False) + "\n" for r in tag_samples(em, got))
+                print_table(em, results, times, console)
+                if em.run_dir is not None and not no_log:
+                    append_eval_log(em, results, split)
+                records.append(record(em, results))
+                em.release()
+                bar.advance(1)
         single = len(models) == 1 and models[0].run_dir is None
         doc = {"model": records[0]["model"], "results": records[0]["results"]} if single else records
         if json_out is not None:
@@ -173,7 +176,7 @@ def register(app) -> None:
 
     @app.command("embed")
     def embed_cmd(
-        model: Path = typer.Argument(..., help="Checkpoint, run directory (its last checkpoint) or Hugging Face directory."),
+        model: Path = typer.Argument(..., help="Checkpoint, run directory (its last checkpoint), Hugging Face directory or Hub id (ORG/NAME)."),
         input_path: Path = typer.Option(..., "--input", help="Texts: .jsonl (one object per line, see --field) or one text per line."),
         out: Path = typer.Option(..., "--out", help="Output .npy file: float32 [texts, hidden], in input order."),
         field: str = typer.Option("text", "--field", help="The text key of .jsonl input."),

@@ -80,33 +80,30 @@ def write_npy(path: Path, arr: np.ndarray) -> None:
 
 def run(model_path: Path, input_path: Path, out: Path, *, field: str, pooling: str | None, max_length: int, normalize: bool,
         device: str, strategy: str, token_budget: int, console) -> dict:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from ettin.progress import progress
 
     from ettin.eval.loading import load_for_eval
 
     if out.suffix != ".npy":
         raise EttinError(f"{out}: the output must be a .npy file")
     texts = read_texts(input_path, field)
-    models = load_for_eval(model_path, device)
-    if len(models) > 1:
-        em = models[-1]  # a run directory: its last checkpoint
-        if len({m.run_dir for m in models}) > 1:
-            raise EttinError(f"{model_path}: holds several runs (a pair?); name one run or checkpoint")
-    else:
-        em = models[0]
+    from ettin.resolve import single_model
+
+    r = single_model(model_path, "embed")  # a run: its last checkpoint; a pair: which side?
+    [em] = load_for_eval(r.path, device)
+    if r.hub_id:
+        em.name = r.hub_id
     t0 = time.perf_counter()
     tokens = 0
-    with Progress(TextColumn("embed"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"), TimeRemainingColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("embed", total=len(texts), speed="")
+    with progress(len(texts), f"embed {Path(em.name).name}", "texts") as bar:
 
-        def progress(n: int, t: int) -> None:
+        def on_progress(n: int, t: int) -> None:
             nonlocal tokens
             tokens += t
-            bar.update(task, advance=n, speed=f"{tokens / max(1e-9, time.perf_counter() - t0):,.0f} tok/s")
+            bar.advance(n, tok_s=f"{tokens / max(1e-9, time.perf_counter() - t0):,.0f}")
 
         arr = embed_texts(em, texts, pooling=pooling, max_length=max_length, normalize=normalize, strategy=strategy,
-                          token_budget=token_budget, on_progress=progress)
+                          token_budget=token_budget, on_progress=on_progress)
     secs = time.perf_counter() - t0
     write_npy(out, arr)
     return {"model": em.name, "texts": len(texts), "tokens": tokens, "seconds": round(secs, 2),

@@ -247,29 +247,25 @@ def _find_runs(path: Path, depth: int) -> list[Path]:
 
 def load_for_eval(path: str | Path, device: str = "cpu") -> list[EvalModel]:
     """Every model ``path`` names: a checkpoint, a run directory (each checkpoint, by step), a
-    pair run (encoder then decoder), a directory of runs, or a Hugging Face directory."""
-    from ettin.checkpoint import is_checkpoint
+    pair run (encoder then decoder), a directory of runs, a Hugging Face directory or a Hub id
+    (classified by :func:`ettin.resolve.resolve_model`)."""
+    from ettin.resolve import resolve_model
 
-    path = Path(path)
     device = str(check_device(device))
-    if not path.exists():
-        raise EttinError(f"{path}: no such checkpoint, run directory or Hugging Face directory")
-    if not path.is_dir():
-        raise EttinError(f"{path}: expected a directory (checkpoint, run directory or Hugging Face directory)")
-    if is_checkpoint(path):
-        return [_checkpoint_model(path, device, None)]
-    if _is_hf_dir(path):
-        return [_hf_model(path, device)]
-    if (path / CHECKPOINTS_DIR).is_dir():
-        ckpts = run_checkpoints(path)
-        if not ckpts:
-            raise EttinError(f"{path}: run directory has no checkpoints (expected {path / CHECKPOINTS_DIR}/<step>/ettin.json)")
-        return [_checkpoint_model(c, device, path) for c in ckpts]
+    r = resolve_model(path)
+    if r.kind == "checkpoint":
+        return [_checkpoint_model(r.path, device, None)]
+    if r.kind == "hf":
+        em = _hf_model(r.path, device)
+        if r.hub_id:
+            em.name = r.hub_id
+        return [em]
+    if r.kind == "run":
+        return [_checkpoint_model(c, device, r.path) for c in r.checkpoints]
     # a pair run (encoder/, decoder/) or any directory of run directories (a demo directory)
     out: list[EvalModel] = []
-    for d in _find_runs(path, 3):
+    for d in r.runs:
         out.extend(_checkpoint_model(c, device, d) for c in run_checkpoints(d))
     if out:
         return out
-    raise EttinError(f"{path}: not a checkpoint (no ettin.json), run directory (no {CHECKPOINTS_DIR}/), "
-                     "pair run (no encoder/ or decoder/ runs) or Hugging Face directory (no config.json)")
+    raise EttinError(f"{r.path}: the runs below it ({', '.join(str(x) for x in r.runs[:4])}) have no checkpoints yet")

@@ -39,6 +39,14 @@ def legend_name(r: Run) -> str:
     return f"{r.label} ({r.kind} {r.objective}{extra})"
 
 
+def n_label(ns) -> str:
+    """'n=500', or 'n=10-500' when the points rest on different counts (a --limit among them)."""
+    vals = sorted({int(n) for n in ns if is_number(n)})
+    if not vals:
+        return "n=?"
+    return f"n={vals[0]:,}" if len(vals) == 1 else f"n={vals[0]:,}-{vals[-1]:,}"
+
+
 def _png(fig: Figure) -> bytes:
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
@@ -139,6 +147,10 @@ SCHEDULES = (("lr", "learning rate"), ("batch_size", "batch size (sequences)"),
 
 
 def schedule_plot(runs: list[Run], styles: dict) -> bytes:
+    return _png(schedule_figure(runs, styles))
+
+
+def schedule_figure(runs: list[Run], styles: dict) -> Figure:
     fig = Figure(figsize=(11, 7))
     # the pair's schedules are identical by design: draw earlier runs wider so none hides another
     widths = {r.label: 1.2 + 2.4 * (len(runs) - 1 - i) / max(1, len(runs) - 1) for i, r in enumerate(runs)}
@@ -153,14 +165,19 @@ def schedule_plot(runs: list[Run], styles: dict) -> bytes:
             ax.plot(*_thin(xs, ys), color=st["color"], linestyle=st["linestyle"], linewidth=widths[r.label],
                     drawstyle="steps-post" if key != "lr" else "default", label=r.label)
             drawn = True
-        _finish_axis(ax, title, drawn, legend=i == 0, empty=f"no '{key}' recorded")
+        _finish_axis(ax, title, drawn, legend=True, empty=f"no '{key}' recorded")
     fig.suptitle("Schedules against tokens")
     fig.tight_layout()
-    return _png(fig)
+    return fig
 
 
 def task_plot(task: str, metrics: list[str], runs: list[Run], styles: dict) -> bytes:
-    """One subplot per metric of ``task``; every run with that task is a line (both sides on one axis)."""
+    return _png(task_figure(task, metrics, runs, styles))
+
+
+def task_figure(task: str, metrics: list[str], runs: list[Run], styles: dict) -> Figure:
+    """One subplot per metric of ``task``; every run with that task is a line (both sides on one
+    axis), each panel with its own legend naming the runs it draws and the n behind their points."""
     n = len(metrics)
     cols = min(n, 3)
     rows = math.ceil(n / cols)
@@ -169,18 +186,18 @@ def task_plot(task: str, metrics: list[str], runs: list[Run], styles: dict) -> b
         ax = fig.add_subplot(rows, cols, i + 1)
         drawn = False
         for r in runs:
-            pts = sorted((e.tokens, e.results[task][metric]) for e in r.evals
-                         if e.tokens is not None and metric in e.results.get(task, {}))
-            if not pts:
+            evs = [e for e in r.evals if e.tokens is not None and is_number(e.results.get(task, {}).get(metric))]
+            if not evs:
                 continue
+            pts = sorted((e.tokens, e.results[task][metric]) for e in evs)
             st = styles[r.label]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], color=st["color"], linestyle=st["linestyle"],
-                    marker="o", markersize=3.5, linewidth=1.4, label=r.label)
+                    marker="o", markersize=3.5, linewidth=1.4, label=f"{r.label} ({n_label(e.results[task].get('n') for e in evs)})")
             drawn = True
-        _finish_axis(ax, metric, drawn, legend=i == 0, empty="no points with a token count")
+        _finish_axis(ax, metric, drawn, legend=True, empty="no points with a token count")
     fig.suptitle(f"{task}: score against tokens")
     fig.tight_layout()
-    return _png(fig)
+    return fig
 
 
 def winogender_plot(entries: list[tuple[str, dict[str, dict[str, float]]]]) -> bytes:

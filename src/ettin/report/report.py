@@ -29,6 +29,18 @@ from ettin.report.runs import Run, discover_runs, is_number, pick_native
 CSV_COLUMNS = ("run", "kind", "objective", "origin", "source", "step", "tokens", "stage", "checkpoint", "task", "metric", "value")
 _FILLER = {"share", "shares", "frac", "fraction", "pct", "percent", "rate", "prop", "proportion", "p"}
 MAX_METRICS_PER_TASK = 6
+# How much was scored, not how well: shown as counts (n beside every score), never as a metric.
+COUNT_KEYS = frozenset({"n", "tokens", "documents", "docs", "words", "bytes", "chars", "examples", "queries", "limit"})
+
+
+def is_count(name: str) -> bool:
+    return name in COUNT_KEYS or name.startswith(("n_", "num_")) or name.endswith(("_count", "_tokens"))
+
+
+def n_of(results: dict, task: str):
+    """The number of examples behind a task's scores (None when the record does not say)."""
+    v = (results.get(task) or {}).get("n")
+    return v if is_number(v) else None
 
 
 @dataclass
@@ -114,7 +126,7 @@ def _task_metrics(runs: list[Run]) -> dict[str, list[str]]:
             for task, metrics in e.results.items():
                 lst = out.setdefault(task, [])
                 for m in metrics:
-                    if m not in ("n", "tokens") and m not in lst:  # counts, not scores
+                    if not is_count(m) and m not in lst:  # counts, not scores
                         lst.append(m)
     return out
 
@@ -163,34 +175,38 @@ def build_tables(runs: list[Run]) -> list[Table]:
     if evaluated:
         rows = []
         for task, metrics in tm.items():
+            if metrics:
+                rows.append([task, "n (examples)"] + [final(r, task, "n") for r in evaluated])
             for m in metrics:
                 rows.append([task, m] + [final(r, task, m) for r in evaluated])
         tables.append(Table("Final checkpoint scores", ["task", "metric"] + [r.label for r in evaluated], rows,
-                            "For each run and task, the latest checkpoint evaluated on that task."))
+                            "For each run and task, the latest checkpoint evaluated on that task; "
+                            "'n' is how many examples its scores rest on (a --limit run shows its limit)."))
 
     conv_rows = []
     for c in (r for r in runs if r.converted):
         native = pick_native(c, runs)
         if native is None:
-            conv_rows.append([c.label, c.origin, f"no native {c.kind} among the runs", "", "", None, None, None, None, None])
+            conv_rows.append([c.label, c.origin, f"no native {c.kind} among the runs", "", "", None, None, None, None, None, None, None])
             continue
         cf, nf = finals[c.label], finals[native.label]
         common = [t for t in nf if t in cf]
         if not common:
             why = f"{c.label} has no evaluation" if not cf else f"{native.label} has no evaluation" if not nf else "no task in common"
-            conv_rows.append([c.label, c.origin, native.label, "", f"({why})", None, None, None, None, None])
+            conv_rows.append([c.label, c.origin, native.label, "", f"({why})", None, None, None, None, None, None, None])
             continue
         for task in common:
             nrec, crec = nf[task], cf[task]
             for m, cv in crec.results[task].items():
                 nv = nrec.results[task].get(m)
-                if m == "n" or nv is None:
+                if is_count(m) or nv is None or not is_number(cv) or not is_number(nv):
                     continue
-                conv_rows.append([c.label, c.origin, native.label, task, m, nrec.tokens, crec.tokens, nv, cv, cv - nv])
+                conv_rows.append([c.label, c.origin, native.label, task, m, nrec.tokens, crec.tokens,
+                                  n_of(nrec.results, task), n_of(crec.results, task), nv, cv, cv - nv])
     if any(r.converted for r in runs):
         tables.append(Table("Native vs converted (final checkpoints)",
                             ["converted run", "origin", "native run", "task", "metric", "native tokens", "converted tokens",
-                             "native", "converted", "converted − native"],
+                             "native n", "converted n", "native", "converted", "converted − native"],
                             conv_rows, "Each converted run against the native run of the same kind, both at their final evaluated checkpoint "
                                        "(converted tokens count the continued training only)."))
 
@@ -209,6 +225,14 @@ def build_tables(runs: list[Run]) -> list[Table]:
 
 
 def build_images(runs: list[Run]) -> list[Image]:
+    from ettin.progress import progress
+
+    tasks = [t for t, m in _task_metrics(runs).items() if m and not _is_winogender(t)]
+    with progress(2 + len(tasks) + 1, "report: figures", "figures") as bar:
+        return _build_images(runs, bar)
+
+
+def _build_images(runs: list[Run], bar) -> list[Image]:
     styles = plots.run_styles(runs)
     images = [
         Image("loss", "Training loss", plots.loss_plot(runs, styles),
@@ -217,6 +241,7 @@ def build_images(runs: list[Run]) -> list[Image]:
               "Learning rate, batch size, mask rate and sequence length against tokens "
               "(identical schedules overlap; earlier runs are drawn wider)."),
     ]
+    bar.advance(2, last="training")
     for task, metrics in _task_metrics(runs).items():
         if _is_winogender(task) or not metrics:
             continue
@@ -225,6 +250,7 @@ def build_images(runs: list[Run]) -> list[Image]:
         if len(metrics) > len(shown):
             cap += f" ({len(metrics) - len(shown)} more metrics in the CSV.)"
         images.append(Image(f"task_{_slug(task)}", f"Task: {task}", plots.task_plot(task, shown, runs, styles), cap))
+        bar.advance(1, last=task)
     wino = []
     for r in runs:
         for task, rec in r.final_results().items():
@@ -236,6 +262,7 @@ def build_images(runs: list[Run]) -> list[Image]:
     if wino:
         images.append(Image("winogender", "Winogender", plots.winogender_plot(wino),
                             "Share of male / female / neutral pronoun predictions per template set."))
+    bar.advance(1, last="winogender")
     return images
 
 

@@ -43,8 +43,8 @@ def _register_train(app: typer.Typer) -> None:
         recipe: Path = typer.Argument(..., help="Recipe YAML; model.kind is ignored."),
         out: Path = typer.Option(..., "--out", help="Run directory: OUT/encoder and OUT/decoder."),
         set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe field: dotted.key=value (repeatable)."),
-        max_steps: Optional[int] = typer.Option(None, "--max-steps"),
-        no_progress: bool = typer.Option(False, "--no-progress"),
+        max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this global step (checkpointing there)."),
+        no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
         plan: bool = typer.Option(False, "--plan", help="Print each stage's steps and tokens per step, then exit."),
     ):
         """Train an encoder (MLM) and a decoder (CLM) in lockstep on identical batches."""
@@ -120,14 +120,14 @@ def _summary(res: dict) -> None:
 def register_convert(app: typer.Typer) -> None:
     @app.command()
     def convert(
-        checkpoint: Path = typer.Argument(..., help="Our checkpoint, a run directory, or a Hugging Face ModernBERT/Ettin directory."),
+        checkpoint: Path = typer.Argument(..., help="A checkpoint, a run directory (its last checkpoint), a Hugging Face directory or a Hub id (ORG/NAME)."),
         objective: str = typer.Option(..., "--objective", help="mntp (decoder -> encoder) or clm (encoder -> decoder)."),
         recipe: Path = typer.Option(..., "--recipe", help="Recipe YAML (e.g. recipes/ettin-150m/cross-objective.yaml)."),
         out: Path = typer.Option(..., "--out", help="Run directory of the converted model."),
         force: bool = typer.Option(False, "--force", help="Allow continuing with the objective the model already has."),
         set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe field: dotted.key=value."),
-        max_steps: Optional[int] = typer.Option(None, "--max-steps"),
-        no_progress: bool = typer.Option(False, "--no-progress"),
+        max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this global step (checkpointing there)."),
+        no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     ):
         """Cross-objective continued training: weights only, attention direction switched, fresh schedule."""
         from ettin.convert.objective import convert as run_convert

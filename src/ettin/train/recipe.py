@@ -111,7 +111,7 @@ class DistributedSection:
 @dataclass(frozen=True)
 class LoggingSection:
     every_steps: int = 1
-    tensorboard: bool = True  # when the package is installed
+    tensorboard: bool = False  # true: also write RUN/tb (needs the tensorboard package; warns once without it)
     peak_flops: float | None = None  # for MFU; default from the GPU name
 
 
@@ -352,6 +352,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> list[St
         entries = [(raw, str(path))]
     sets = parse_set(overrides)
     names = [str(d.get("name", f"stage{i + 1}")) for i, (d, _) in enumerate(entries)]
+    sections = [f.name for f in dataclasses.fields(Stage)]
+    for key, _ in sets:
+        head = key.split(".", 1)[0]
+        if head not in sections and head not in names:
+            close = difflib.get_close_matches(head, sections + names, n=1)
+            raise EttinError(f"--set {key}: '{head}' is neither a recipe section ({', '.join(sections)}) nor a stage of "
+                             f"{path} (stages: {', '.join(names)})" + (f"; did you mean '{close[0]}'?" if close else ""))
     stages = []
     for i, (d, src) in enumerate(entries):
         d = dict(d)
@@ -371,8 +378,17 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> list[St
     return stages
 
 
+RESOLVED_HEADER = """\
+# Resolved recipe: every default filled in; runnable as it is with `ettin train` / `ettin pair`.
+# Not claims about this run: 'auto' values (device, precision, attn_impl, compile) are decided
+# when it starts; distributed.* applies only under torchrun; objective null means the model
+# kind's (mlm for an encoder, clm for a decoder). What ran is recorded in metrics.jsonl and
+# checkpoints/<step>/trainer/state.json (world_size, parallel).
+"""
+
+
 def stages_to_yaml(stages: list[Stage]) -> str:
-    return yaml.safe_dump({"stages": [s.to_dict() for s in stages]}, sort_keys=False)
+    return RESOLVED_HEADER + yaml.safe_dump({"stages": [s.to_dict() for s in stages]}, sort_keys=False)
 
 
 def stage_from_dict(d: dict, source: str = "recipe") -> Stage:

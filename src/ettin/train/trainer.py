@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
@@ -436,8 +437,11 @@ class Learner:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(str(self.run.root / "tb"))
-            except Exception:
+            except Exception as e:  # noqa: BLE001 - tensorboard missing or broken: train on, say so once
                 self._tb = None
+                _warn_once("tensorboard", f"logging.tensorboard is true but TensorBoard logs cannot be written "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'tensorboard not installed'}); "
+                           "metrics.jsonl has every step (pip install tensorboard, or set logging.tensorboard: false)")
 
     def log(self, rec: dict) -> None:
         if self._metrics_fh is None:
@@ -454,6 +458,15 @@ class Learner:
             self._metrics_fh = None
         if self._tb is not None:
             self._tb.close()
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 def _json_default(o):
@@ -659,7 +672,7 @@ def _train(
 
     nparams = learners[0].model.num_params()
     peak = first[0].logging.peak_flops or _device_peak(d.device)
-    bar = _Progress(enabled=progress and d.is_main, total=stop_at, start=start)
+    bar = _Progress(enabled=progress and d.is_main, total=stop_at, start=start, label=Path(out).name)
 
     pin = d.device.type == "cuda"
     vocab = min(ln.model.config.vocab_size for ln in learners)
@@ -802,45 +815,24 @@ def _device_peak(dev: torch.device) -> float | None:
 
 
 class _Progress:
-    """A rich progress bar with loss, tokens/s and ETA (plain lines when not a terminal)."""
+    """The training bar (ettin.progress): loss, tokens/s and ETA on a terminal; plain lines at
+    least every $ETTIN_PROGRESS_INTERVAL seconds elsewhere."""
 
-    def __init__(self, enabled: bool, total: int, start: int):
-        self.enabled = enabled
-        self.total = total
-        self._p = None
-        if not enabled:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    def __init__(self, enabled: bool, total: int, start: int, label: str = "train"):
+        from ettin.progress import progress
 
-        self._p = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            transient=False,
-        )
-        self._task = self._p.add_task("train", total=total, completed=start, info="")
-        self._p.start()
+        self.label = label
+        self._p = progress(total, label, "steps", quiet=None if enabled else True, completed=start).start()
 
     def update(self, step: int, losses: dict, tok_s: float | None, stage: str, mfu: float | None = None,
                gpu_gib: float | None = None) -> None:
-        if self._p is None:
-            return
         loss = " ".join(f"{k[:3]} {v:.3f}" for k, v in losses.items())
-        speed = f"{tok_s / 1000:.1f}k tok/s" if tok_s else ""
-        if mfu:
-            speed += f" | MFU {100 * mfu:.0f}%"
-        if gpu_gib:
-            speed += f" | {gpu_gib:.1f} GiB"
-        self._p.update(self._task, completed=step, description=stage, info=f"loss {loss} | {speed}")
+        info = {"loss": loss, "tok/s": f"{tok_s / 1000:.1f}k" if tok_s else None,
+                "MFU": f"{100 * mfu:.0f}%" if mfu else None, "GiB": f"{gpu_gib:.1f}" if gpu_gib else None}
+        self._p.update(completed=step, desc=f"{self.label} {stage}", **info)
 
     def close(self) -> None:
-        if self._p is not None:
-            self._p.stop()
-            self._p = None
+        self._p.close()
 
 
 # -- batch inspection -------------------------------------------------------------------------
