@@ -338,9 +338,8 @@ def resolve_stages(cfg: StudyConfig, size: str, data_path: Path) -> tuple[list, 
         raw.setdefault("model", {})["size"] = size
         raw["data"] = {"sources": [{"name": "study", "path": str(data_path), "weight": 1.0}]}
         raw["logging"] = {**(raw.get("logging") or {}), "tensorboard": False}
-        # the study predicts steps and checkpoints before its data exists, so a sample is a full
-        # packed row here (train.tokens_per_sample: auto needs the data; docs/RECIPE.md)
-        raw.setdefault("train", {}).pop("tokens_per_sample", None)
+        # train.tokens_per_sample: auto stays as the recipe says: the plan is provisional (full
+        # rows) until the data unit exists, then measured as the trainer does (measured_stages)
         if cfg.batch_tokens:
             _rebatch(raw, cfg.batch_tokens)
         tok = int(float(raw["train"]["tokens"]))
