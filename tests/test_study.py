@@ -16,7 +16,7 @@ import pytest
 
 from ettin.errors import EttinError
 from ettin.study import stats
-from ettin.study.plan import PRESETS, build_plan, make_config, predicted_checkpoints
+from ettin.study.plan import PRESETS, build_plan, make_config, measured_stages, predicted_checkpoints
 
 
 # -- bootstrap ------------------------------------------------------------------------------------------
@@ -55,6 +55,11 @@ def test_perplexity_is_recomputed_from_summed_nll_over_tokens():
     iv = stats.interval(samples, "perplexity", n_boot=500)
     assert iv["value"] == pytest.approx(math.exp(sum(nll) / sum(tok)))
     assert iv["ci"][0] <= iv["value"] <= iv["ci"][1]
+    bpb = [dict(x, bytes=b * 3) for x, b in zip(samples, tok)]
+    assert stats.interval(bpb, "bits_per_byte")["value"] == pytest.approx(sum(nll) / (3 * sum(tok)) / math.log(2))
+    # LAMBADA: per-example nll only, perplexity = exp(mean nll)
+    lam = [{"task": "l", "id": str(i), "metrics": {"acc": 0.0, "nll": a}} for i, a in enumerate(nll)]
+    assert stats.interval(lam, "perplexity")["value"] == pytest.approx(math.exp(sum(nll) / 3))
 
 
 def test_corpus_metrics_from_labels_and_predictions():
@@ -180,7 +185,9 @@ def test_predicted_checkpoints_follow_the_trainer(tmp_path, study_data):
     from ettin.train.schedule import Plan
 
     plan = build_plan(make_config(out=tmp_path / "s", data=study_data, **{**TINY, "checkpoints": 3}))
-    st = plan.stages["micro"]
+    assert plan.provisional  # tokens_per_sample: auto waits for the data; full rows until then
+    st, exact = measured_stages(plan.stages["micro"], False)
+    assert not exact and st[1].train.tokens_per_sample == st[1].train.seq_len
     ck = predicted_checkpoints(st)
     p = Plan(st)
     ends = [p.stage_last_step(i) for i in range(3)]
@@ -201,7 +208,7 @@ def test_gpu_preset_plan(tmp_path, study_data):
             assert s.train.global_batch * s.train.seq_len <= 262_144 + 8000 and s.train.micro_batch <= s.train.global_batch
             if s.train.batch_warmup_start:
                 assert s.train.batch_warmup_start % s.train.batch_multiple == 0 or s.train.batch_multiple <= s.train.batch_warmup_start
-        ck = predicted_checkpoints(st)
+        ck = predicted_checkpoints(measured_stages(st, False)[0])
         assert len(ck) == PRESETS["gpu"].checkpoints + 2
         assert plan.cross[size].train.tokens == pytest.approx(1e9 * 50e9 / 2e12, rel=0.01)
 

@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
         data: Optional[Path] = typer.Option(None, "--data", help="Evaluation data in the ../shared/data layout (its pretrain/ is the training corpus)."),
         tasks: Optional[str] = typer.Option(None, "--tasks", help="Tasks or groups (default: all the data holds)."),
         preset: str = typer.Option("cpu", "--preset", help="cpu (two tiny sizes, examples capped) or gpu (17m, 32m, 68m)."),
-        set_: Optional[List[str]] = typer.Option(None, "--set", help="Recipe override: [stage.]dotted.key=value (repeatable)."),
+        set_: Optional[List[str]] = typer.Option(None, "--set", help="Recipe override, e.g. stage3.optim.lr=1e-3 (one stage) or optim.lr=1e-3 (every stage); repeatable."),
         limit: Optional[int] = typer.Option(None, "--limit", help="Examples per task (overrides the preset)."),
         seeds: Optional[str] = typer.Option(None, "--seeds", help="Fine-tuning seeds, e.g. 0,1,2."),
         device: Optional[str] = typer.Option(None, "--device", help="Evaluation device (cpu or cuda)."),

@@ -319,8 +319,10 @@ def trajectory_figure(plan: StudyPlan, summary: dict, task: str) -> bytes:
             ls = "--" if "from" in model else "-"
             ax.plot(x, y, ls, marker="o", ms=3, color=col, label=model)
             cis = [(p[1].get("cis") or {}).get(metric) for p in pts]
-            if all(cis):
+            if all(cis) and len(x) > 1:
                 ax.fill_between(x, [c[0] for c in cis], [c[1] for c in cis], color=col, alpha=0.15, lw=0)
+            elif all(cis):  # one checkpoint (a conversion): an error bar
+                ax.errorbar(x, y, yerr=[[y[0] - cis[0][0]], [cis[0][1] - y[0]]], color=col, capsize=3, lw=1)
         ax.set_title(f"{task} ({size})", fontsize=10)
         ax.xaxis.set_major_formatter(EngFormatter())
         ax.set_xlabel("tokens seen")

@@ -28,10 +28,12 @@ FP_FILE = ".fingerprint"
 
 
 # -- progress (one function, so a progress-bar module can replace it) -------------------------------
-def report_progress(plan: StudyPlan, current: Unit | None, log: list[dict], echo=print) -> str:
+def report_progress(plan: StudyPlan, current: Unit | None, log: list[dict], echo=print, done_names: set | None = None) -> str:
     """One line: the unit running, units done/remaining, ETA from this study's own timings."""
-    done = [u for u in plan.units if u.done()]
-    todo = [u for u in plan.units if not u.done()]
+    if done_names is None:
+        done_names = {u.name for u in plan.units if u.done()}
+    done = [u for u in plan.units if u.name in done_names]
+    todo = [u for u in plan.units if u.name not in done_names]
     eta = estimate_seconds(todo, log)
     eta_s = "unknown" if eta is None else _hms(eta)
     kinds = {}
@@ -386,30 +388,40 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, echo=print, stop_after
         log.append(rec)
         ran += 1
 
-    for u in plan.units:
+    done = {v.name for v in plan.units if v.done()}  # read once; units add themselves when they finish
+    last = None
+    while True:
+        u = next((v for v in plan.units if v.name not in done), None)
+        if u is None:
+            break
+        if u.name == last:
+            raise EttinError(f"{u.marker}: unit '{u.name}' ran but is not marked done")
+        last = u.name
         if stop_after is not None and ran >= stop_after:
             return {"stopped": True, "ran": ran}
-        if u.done():
-            continue
         if u.kind == "eval":
             if prepared is None:
                 opts, prepared = prepare_tasks(plan)
             group = [v for v in plan.units if v.kind == "eval" and v.size == u.size and v.model == u.model
-                     and v.step == u.step and not v.done()]
+                     and v.step == u.step and v.name not in done]
             if stop_after is not None:
                 group = group[: max(1, stop_after - ran)]
-            report_progress(plan, u, log, echo)
+            report_progress(plan, u, log, echo, done)
             cpu_mark[0] = time.process_time()
-            run_eval_group(plan, group, opts, prepared, progress, lambda v, rec, s: logged(v, s))
+            run_eval_group(plan, group, opts, prepared, progress, lambda v, rec, s: (logged(v, s), done.add(v.name)))
             continue
-        report_progress(plan, u, log, echo)
+        report_progress(plan, u, log, echo, done)
         cpu_mark[0] = time.process_time()
         t0 = time.perf_counter()
         extra = RUNNERS[u.kind](plan, u, progress)
         seconds = time.perf_counter() - t0
         _finish(u, {"seconds": round(seconds, 3), **(extra or {})})
         logged(u, seconds)
-    report_progress(plan, None, log, echo)
+        done.add(u.name)
+        if plan.provisional and u.kind == "data":
+            plan = build_plan(cfg)  # steps measured on the prepared data: the exact checkpoints
+            done = {v.name for v in plan.units if v.done()}
+    report_progress(plan, None, log, echo, done)
     from ettin.study.report import collect, write_study_report
 
     summary = collect(plan)

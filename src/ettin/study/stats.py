@@ -80,7 +80,9 @@ def _ratio_fields(metric: str, sample: dict) -> tuple[str, str, float] | None:
         return None
     den = "bytes" if ("byte" in low and "bytes" in have) else "words" if ("word" in low and "words" in have) else "tokens"
     if den not in have:
-        return None
+        if "byte" in low or "word" in low:
+            return None
+        return "nll", None, 1.0  # per-example nll without a length (LAMBADA): exp(mean nll)
     return "nll", den, (1.0 / math.log(2)) if "bits_per_byte" in low else 1.0
 
 
@@ -93,7 +95,7 @@ class Aggregator:
         self.ratio = _ratio_fields(metric, first)
         m = first.get("metrics") or {}
         if self.ratio is not None:
-            self.kind, fields = "ratio", [self.ratio[0], self.ratio[1]]
+            self.kind, fields = "ratio", [f for f in self.ratio[:2] if f is not None]
         elif metric in m:
             self.kind, fields = "mean", [metric]
         elif metric.lower() in CORPUS_METRICS and "label" in first and "prediction" in first:
@@ -122,9 +124,12 @@ class Aggregator:
             return np.nanmean(v, axis=1)
         if self.kind == "ratio":
             num, den, scale = self.ratio
-            a = np.nansum(t.cols[num][s][idx], axis=1)
-            b = np.nansum(t.cols[den][s][idx], axis=1)
-            x = a / np.maximum(b, 1e-300)
+            if den is None:
+                x = np.nanmean(t.cols[num][s][idx], axis=1)
+            else:
+                a = np.nansum(t.cols[num][s][idx], axis=1)
+                b = np.nansum(t.cols[den][s][idx], axis=1)
+                x = a / np.maximum(b, 1e-300)
             if "perplexity" in self.metric.lower():
                 return np.exp(np.minimum(x, 700.0))
             return x * scale
