@@ -406,6 +406,7 @@ CASES = [
     Case("embed-input-missing", lambda w: ["embed", w.ckpt, "--input", w.p("nope.jsonl"), "--out", w.p("x2.npy")], "nope.jsonl", out=_o("x2.npy")),
     Case("embed-out-is-dir", lambda w: ["embed", w.ckpt, "--input", w.texts, "--out", w.precious], "precious", keep=lambda w: w.notes),
     Case("embed-out-under-file", lambda w: ["embed", w.ckpt, "--input", w.texts, "--out", w.a_file / "x.npy"], "a_file", keep=lambda w: w.a_file),
+    Case("embed-batch-tokens-0", lambda w: ["embed", w.ckpt, "--input", w.texts, "--out", w.p("x3.npy"), "--batch-tokens", "0"], "--batch-tokens", code=2, out=_o("x3.npy")),
     # report
     Case("report-foreign-html", lambda w: ["report", w.run, "--out", foreign_html(w)], "--force", keep=lambda w: w.p("foreign.html")),
     Case("report-foreign-files", lambda w: ["report", w.run, "--out", report_files_foreign(w)], "--force", out=_o("rep.html"), keep=lambda w: w.p("rep_files") / "mine.txt"),

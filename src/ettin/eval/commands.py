@@ -187,7 +187,7 @@ def register(app) -> None:
         normalize: bool = typer.Option(False, "--normalize", help="L2-normalise each embedding."),
         device: str = typer.Option("cpu", "--device", help="cpu or cuda (bf16 autocast)."),
         strategy: str = typer.Option("auto", "--strategy", help="auto, packed (rows of several texts, documents masked) or padded."),
-        batch_tokens: int = typer.Option(32768, "--batch-tokens", help="Tokens per forward pass (pads included)."),
+        batch_tokens: int = typer.Option(32768, "--batch-tokens", min=1, help="Tokens per forward pass (pads included)."),
         precision: str = typer.Option(None, "--precision", help="fp32 or bf16 (autocast; GPUs and CPUs with AVX512-BF16/AMX). Default: bf16 on cuda, fp32 on cpu."),
     ):
         """Pooled embeddings of many texts, unpadded (packed) where that saves work."""

@@ -30,7 +30,9 @@ CSV_COLUMNS = ("run", "kind", "objective", "origin", "source", "step", "tokens",
 _FILLER = {"share", "shares", "frac", "fraction", "pct", "percent", "rate", "prop", "proportion", "p"}
 MAX_METRICS_PER_TASK = 6
 # How much was scored, not how well: shown as counts (n beside every score), never as a metric.
-COUNT_KEYS = frozenset({"n", "tokens", "documents", "docs", "words", "bytes", "chars", "examples", "queries", "limit"})
+# Settings and sizes a result reports beside its scores (GLUE seeds/train_n, retrieval pairs) are not scores either.
+COUNT_KEYS = frozenset({"n", "tokens", "documents", "docs", "words", "bytes", "chars", "examples", "queries", "limit",
+                        "seeds", "train_n", "train_pairs", "hard_negatives", "finetuned", "lr"})
 
 
 def is_count(name: str) -> bool:
