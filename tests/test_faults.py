@@ -419,6 +419,7 @@ CASES = [
     Case("deep-tokenizer-meta", lambda w: ["tokenizer", "info", deep_file(w, "dj4", w.tok, "ettin_tokenizer.json")], "ettin_tokenizer.json"),
     Case("deep-recipe", lambda w: ["train", deep_file(w, "dj5", w.p("nope"), "r.yaml") / "r.yaml", "--out", w.p("dj5o")], "nested too deeply", out=_o("dj5o")),
     Case("report-missing-run", lambda w: ["report", w.p("nope"), "--out", w.p("rep2.html")], "nope", out=_o("rep2.html")),
+    Case("report-plain-file", lambda w: ["report", w.a_file, "--out", w.p("rep3.html")], "is a file", out=_o("rep3.html")),
 ]
 
 

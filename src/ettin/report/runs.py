@@ -286,6 +286,8 @@ def discover_runs(paths: list[Path]) -> list[Run]:
         given = Path(given)
         if not given.exists():
             raise EttinError(f"{given}: no such file or directory")
+        if not given.is_dir() and given.name not in (METRICS_FILE, EVAL_FILE):
+            raise EttinError(f"{given}: is a file; give a run directory (or its {METRICS_FILE} / {EVAL_FILE})")
         root = given if given.is_dir() else given.parent
         dirs = _discover(root)
         if not dirs:
