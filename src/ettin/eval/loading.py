@@ -16,8 +16,7 @@ import torch
 
 from ettin.config import ModelConfig
 from ettin.errors import EttinError
-
-CHECKPOINTS_DIR = "checkpoints"
+from ettin.resolve import run_checkpoints
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -202,47 +201,6 @@ def _hf_model(path: Path, device: str) -> EvalModel:
         tokens=tokens if isinstance(tokens, (int, float)) and not isinstance(tokens, bool) else None,
         _model=model, _load_tokenizer=lambda: load_tokenizer_file(path),
     )
-
-
-def _step_of(ckpt: Path) -> tuple[int, str]:
-    try:
-        meta = json.loads((ckpt / "ettin.json").read_text()).get("meta") or {}
-        if isinstance(meta.get("step"), int):
-            return meta["step"], ckpt.name
-    except (OSError, ValueError, AttributeError):
-        pass
-    try:
-        return int(ckpt.name), ckpt.name
-    except ValueError:
-        return -1, ckpt.name
-
-
-def run_checkpoints(run_dir: Path) -> list[Path]:
-    ck = run_dir / CHECKPOINTS_DIR
-    if not ck.is_dir():
-        return []
-    found = [d for d in ck.iterdir() if d.is_dir() and not d.name.startswith(".") and (d / "ettin.json").is_file()]
-    return sorted(found, key=_step_of)
-
-
-def is_run_dir(p: Path) -> bool:
-    return (p / CHECKPOINTS_DIR).is_dir() or (p / "metrics.jsonl").is_file() or (p / "recipe.yaml").is_file()
-
-
-def _find_runs(path: Path, depth: int) -> list[Path]:
-    """Run directories (with checkpoints/) below ``path``: encoder before decoder, then by name."""
-    if depth <= 0:
-        return []
-    order = {"encoder": 0, "decoder": 1}
-    subs = [d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != CHECKPOINTS_DIR]
-    subs.sort(key=lambda d: (order.get(d.name, 2), d.name))
-    out: list[Path] = []
-    for d in subs:
-        if (d / CHECKPOINTS_DIR).is_dir():
-            out.append(d)
-        else:
-            out.extend(_find_runs(d, depth - 1))
-    return out
 
 
 def load_for_eval(path: str | Path, device: str = "cpu") -> list[EvalModel]:
