@@ -188,6 +188,7 @@ class Bar:
             self.n = completed
         if total is not None:
             self.total = total
+        new_phase = desc is not None and desc != self.desc
         if desc is not None:
             self.desc = desc
         self.postfix.update(postfix)
@@ -195,6 +196,10 @@ class Bar:
             with _lock:
                 _live.update(self._task, completed=self.n, total=self.total, description=self.desc,
                              post=self._post(), rate=self._rate_text())
+        elif new_phase and self._open and (self._shown or self.elapsed >= first_delay()):
+            with _lock:  # off a terminal, a new phase of a bar already worth a line gets one at once
+                self._shown = True
+                _emit(self.line())
 
     def _rate_text(self) -> str:
         """'12.5 docs/s', or for slow countable work '2.1 s/step' (amounts such as MB stay per second)."""
