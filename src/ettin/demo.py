@@ -27,12 +27,15 @@ def _say(msg: str) -> None:
 
 
 def _read_corpus(path: Path) -> list[str]:
+    """The non-empty ``text`` fields of a JSONL (or .jsonl.gz) corpus."""
     opener = gzip.open if path.suffix == ".gz" else open
     texts = []
     with opener(path, "rt", encoding="utf-8") as fh:
         for line in fh:
             if line.strip():
-                texts.append(json.loads(line)["text"])
+                t = json.loads(line).get("text")
+                if isinstance(t, str) and t.strip():
+                    texts.append(t)
     return texts
 
 

@@ -24,9 +24,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
-
 from ettin.errors import EttinError
+from ettin.train.recipe import _load_yaml as load_yaml
 from ettin.validate import MAX_TOKENS
 
 STAGE_FILES = ("stage1.yaml", "stage2.yaml", "stage3.yaml")
@@ -258,18 +257,6 @@ def _check_recipe_dir(d: Path) -> None:
                          f"stage3.yaml and cross-objective.yaml, as in recipes/small/)")
 
 
-def _load_raw(path: Path) -> dict:
-    try:
-        d = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise EttinError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(d, dict):
-        raise EttinError(f"{path}: a recipe must be a mapping")
-    return d
-
-
 def _scale_tokens(raw: dict, f: float) -> None:
     t = raw.setdefault("train", {})
     for k in ("tokens", "batch_warmup_tokens"):
@@ -322,7 +309,7 @@ def resolve_stages(cfg: StudyConfig, size: str, data_path: Path) -> tuple[list, 
     d = recipe_dir_for(cfg, size)
     _check_recipe_dir(d)
     files = list(STAGE_FILES) + [CROSS_FILE]
-    raws = [_load_raw(d / f) for f in files]
+    raws = [load_yaml(d / f) for f in files]
     names = [str(r.get("name") or Path(f).stem) for r, f in zip(raws, files)]
     if cfg.tokens is not None:
         total = sum(float((r.get("train") or {}).get("tokens", 0)) for r in raws[:3])

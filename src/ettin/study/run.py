@@ -146,25 +146,15 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 
 # -- unit bodies -------------------------------------------------------------------------------------
-def _read_texts(path: Path) -> list[str]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    out = []
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                t = json.loads(line).get("text")
-                if isinstance(t, str) and t.strip():
-                    out.append(t)
-    return out
-
-
 def run_data(plan: StudyPlan, u: Unit, progress: bool) -> dict:
     from ettin.data.prepare import prepare
     from ettin.data.tokenizer import train_tokenizer
 
+    from ettin.demo import _read_corpus
+
     _open_unit_dir(u)
     _begin(u)
-    texts = [t for p in plan.pretrain for t in _read_texts(p)]
+    texts = [t for p in plan.pretrain for t in _read_corpus(p)]
     tok = u.path / "tokenizer"
     if not (tok / "tokenizer.json").is_file():
         train_tokenizer(iter(texts), tok, plan.config.vocab_size, sources=[str(p) for p in plan.pretrain])
@@ -173,7 +163,7 @@ def run_data(plan: StudyPlan, u: Unit, progress: bool) -> dict:
         from ettin.data import demo_heldout_path
         from ettin.demo import _passages
 
-        passages = _passages(_read_texts(demo_heldout_path()), 48)
+        passages = _passages(_read_corpus(demo_heldout_path()), 48)
         atomic_write_text(u.path / "evaldata" / "lm" / "heldout" / "validation.jsonl",
                           "".join(json.dumps({"text": t}) + "\n" for t in passages))
     return {"tokens": man.get("tokens"), "documents": man.get("documents")}
