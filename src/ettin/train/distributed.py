@@ -72,6 +72,23 @@ def init(device_name: str = "auto", backend: str = "auto") -> Dist:
     return Dist(rank=rank, world=world, local_rank=local, device=device, launched=launched)
 
 
+def shutdown(d: Dist, clean: bool) -> None:
+    """Leave the process group before the interpreter exits.
+
+    Without this, a rank that finishes first tears its gloo/NCCL threads down at exit while a
+    peer still talks to it, which aborts the process ("terminate called without an active
+    exception") after a run that succeeded. On a clean finish the ranks meet first; after an
+    error they do not (a peer may be gone), they only let go.
+    """
+    if not (d.launched and dist.is_initialized()):
+        return
+    try:
+        if clean:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def wrap(model: torch.nn.Module, strategy: str, d: Dist) -> torch.nn.Module:
     """DDP or FSDP2 (``fully_shard`` per block, then the root) under torchrun; as is otherwise."""
     if not d.enabled:

@@ -586,6 +586,16 @@ def _train(
         stages = [replace(s, model=replace(s.model, kind=kind)) for s in stages]
     stages = budget.resolve_samples(stages, open_mixture)  # train.tokens_per_sample: auto -> tokens
     d = D.init(stages[0].train.device, stages[0].distributed.backend)
+    clean = False
+    try:
+        result = _train_in(stages, d, out, pair=pair, max_steps=max_steps, progress=progress)
+        clean = True
+        return result
+    finally:
+        D.shutdown(d, clean)
+
+
+def _train_in(stages: list[Stage], d: D.Dist, out: str | Path, *, pair: bool, max_steps: int | None, progress: bool) -> dict:
     if d.device.type == "cpu":
         from ettin.model.cpu import tune_cpu_allocator
 
