@@ -9,6 +9,8 @@ Intel Xeon.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -20,6 +22,8 @@ def machine(device: str = "cpu", kernels: bool = True) -> dict:
         "cpu": info["model"], "cpu_vendor": info["vendor"], "cpu_family": info["family"], "cpu_model_id": info["model_id"],
         "cpu_flags": info["flags"], "logical_cpus": info["logical_cpus"], "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        # bench/as_intel_mkl.sh: MKL's Intel kernels forced on (an AMD CPU measured as an Intel one would run MKL)
+        "mkl_intel_paths_forced": "mkl-intel-path" in os.environ.get("LD_PRELOAD", ""),
     }
     if str(device).startswith("cuda") and torch.cuda.is_available():
         rec["gpu"] = torch.cuda.get_device_name()

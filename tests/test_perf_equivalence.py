@@ -4,6 +4,8 @@
 - the model's training path (``labels=``) == logits + F.cross_entropy, every parameter's gradient
 - oneDNN linear layers == F.linear; RoPE / GeGLU autograd functions == the plain ops
 - banded local attention == SDPA with the full L x L mask (window, causality, documents, pads)
+- span attention (global layers with documents) == the same full-mask SDPA
+- the last block at the labelled rows only (MLM) == the whole last block, then the rows
 - the trainer's optimizer (optimi StableAdamW, foreach path on a CPU) == optimi's reference loop
   and the formula, over several steps, and its state round-trips through state_dict
 """
@@ -39,7 +41,10 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float = TOL) -> bool:
 @pytest.mark.parametrize("N,V,H,chunk", [(300, 1000, 32, 64), (257, 4099, 48, None), (40, 64, 16, 7), (0, 64, 16, None)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_linear_cross_entropy_equals_full_logits(N, V, H, chunk, bias, reduction):
+@pytest.mark.parametrize("path", ["onednn", "aten"])
+def test_linear_cross_entropy_equals_full_logits(N, V, H, chunk, bias, reduction, path, monkeypatch):
+    if path == "aten":  # the plain path writes each chunk into one reused buffer
+        monkeypatch.setattr(C, "use_onednn", lambda x, w: False)
     g = torch.Generator().manual_seed(N + V)
     h = torch.randn(N, H, generator=g, requires_grad=True)
     w = (torch.randn(V, H, generator=g) * 0.3).requires_grad_()
@@ -144,6 +149,7 @@ def test_fast_kernels_equal_plain_pytorch(causal, monkeypatch):
                 mp.setattr(T._RopeQKV, "apply", lambda qkv, c, s: torch.cat((T.apply_rotary(qkv[:, :, :2], c, s), qkv[:, :, 2:]), dim=2))
                 mp.setattr(K._GeGLU, "apply", lambda x: F.gelu(x.chunk(2, -1)[0]) * x.chunk(2, -1)[1])
                 mp.setattr(A, "band_plan", lambda *a, **k: None)
+                mp.setattr(A, "span_plan", lambda *a, **k: None)
             else:
                 assert A.band_plan(A.fold_padding(docs, am, inp.shape, "cpu"), 3, 400, "cpu", causal=causal, window=net.config.window(), block=net.band_block) is not None
             logits = net(inp, doc_ids=docs, attention_mask=am, predict_mask=where)
@@ -230,6 +236,93 @@ def test_banded_attention_equals_full_mask(causal, L, with_docs, block):
     go = torch.randn_like(ref)
     for a, c in zip(torch.autograd.grad(got, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go)):
         assert close(a, c)
+
+
+def _packed_docs(B: int, L: int, seed: int, pad: int = 0) -> torch.Tensor:
+    """Packed rows of documents 5 to 200 tokens long; ``pad`` right-padding positions in row 0."""
+    g = torch.Generator().manual_seed(seed)
+    d = torch.zeros(B, L, dtype=torch.long)
+    for b in range(B):
+        p = int(torch.randint(1, 120, (1,), generator=g))
+        while p < L:
+            d[b, p:] += 1
+            p += int(torch.randint(5, 200, (1,), generator=g))
+    am = torch.ones(B, L, dtype=torch.long)
+    if pad:
+        am[0, L - pad:] = 0
+    return A.fold_padding(d, am, (B, L), "cpu")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("L,block", [(300, 32), (512, 64), (700, 64), (513, 128)])
+@pytest.mark.parametrize("window", [None, (40, 40)])
+def test_span_attention_equals_full_mask(causal, L, block, window):
+    torch.manual_seed(L + block)
+    B, h, D = 3, 2, 16
+    if causal and window is not None:
+        window = (window[0], 0)
+    docs = _packed_docs(B, L, L, pad=37)
+    mask = A.sdpa_mask(docs, L, "cpu", causal=causal, window=window)
+    plan = A.SpanPlan(docs, B, L, "cpu", causal=causal, window=window, block=block, grain=block)
+    assert plan.work < B * L * L  # documents leave keys out
+    q, k, v = (torch.randn(B, L, h, D, requires_grad=True) for _ in range(3))
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    ref = A.sdpa(qt, kt, vt, mask, causal=causal)
+    got = plan.attend(qt, kt, vt)
+    assert close(got, ref)
+    go = torch.randn_like(ref)
+    for a, c in zip(torch.autograd.grad(got, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go)):
+        assert close(a, c)
+
+
+def test_span_plan_is_used_only_where_it_is_exact_and_saves_work():
+    L = 512
+    docs = _packed_docs(2, L, 3)
+    assert A.span_plan(docs, 2, L, "cpu", causal=True) is not None
+    assert A.span_plan(None, 2, L, "cpu", causal=True) is None  # no documents: plain SDPA
+    one = torch.zeros(2, L, dtype=torch.long)
+    assert A.span_plan(one, 2, L, "cpu", causal=False) is None  # one document per row: nothing to save
+    split = docs.clone()
+    split[1, 10:20] = split[1, 400]  # one document in two pieces: a span would miss keys
+    assert A.span_plan(split, 2, L, "cpu", causal=True) is None
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layers", [3, 4])  # the last block local (3) or global (4)
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_last_block_at_labelled_rows_equals_whole_block(causal, layers, dropout, monkeypatch):
+    calls = []
+    whole = T.Block.forward_at
+    monkeypatch.setattr(T.Block, "forward_at", lambda self, *a: calls.append(1) or whole(self, *a))
+    torch.manual_seed(layers)
+    V, B, L = 128, 3, 90
+    cfg = preset("micro", causal=causal, objective="clm" if causal else "mlm", attn_out_dropout=dropout,
+                 **small_vocab_specials(V)).replace(layers=layers)
+    m = Transformer(cfg)
+    m.train()
+    assert m.blocks[-1].is_global == (layers == 4)
+    ids = torch.randint(0, V, (B, L))
+    docs = torch.zeros(B, L, dtype=torch.long)
+    docs[0, 30:] = 1
+    docs[2, 10:] = 1
+    docs[2, 60:] = 2
+    am = torch.ones(B, L, dtype=torch.long)
+    am[1, 70:] = 0
+    labels = torch.full((B, L), O.IGNORE)
+    sel = (torch.rand(B, L) < 0.3) & am.bool()
+    labels[sel] = ids[sel]
+    plain = copy.deepcopy(m)
+    plain.sparse_last_layer = False
+    out = []
+    for net in (m, plain):
+        torch.manual_seed(7)  # the same dropout draws
+        loss = net(ids, doc_ids=docs, attention_mask=am, labels=labels)
+        loss.backward()
+        out.append(loss)
+    assert calls == [1]  # the sparse path ran once (the model), the plain one never
+    assert close(out[0], out[1])
+    for (name, p), q in zip(m.named_parameters(), plain.parameters()):
+        assert close(p.grad, q.grad), name
 
 
 # -- optimizer -----------------------------------------------------------------------------------------

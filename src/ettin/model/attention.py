@@ -141,6 +141,156 @@ def band_plan(doc_ids: torch.Tensor | None, B: int, L: int, device, *, causal: b
     return BandPlan(doc_ids, B, L, device, causal=causal, window=window, block=block)
 
 
+class SpanPlan:
+    """Document-confined attention as attention over key spans (the SDPA path's global layers).
+
+    With packed documents (and a decoder's causality) most of an L x L mask is False, and the
+    CPU kernels compute every masked entry anyway. Here queries go in blocks of ``block``; each
+    block attends only to the keys its queries may see, one contiguous span
+    [first allowed key, last allowed key] (documents are contiguous runs). Blocks are grouped
+    by span width (rounded up to ``grain`` keys) so each group is one SDPA call over gathered
+    keys, with the exact mask inside the span: the same result as :func:`sdpa_mask` (masked
+    entries get no weight either way) with the work of the spans only. Query slots past the
+    end see one key (finite; their outputs are dropped).
+    """
+
+    def __init__(self, doc_ids: torch.Tensor, B: int, L: int, device, *, causal: bool, window: tuple[int, int] | None,
+                 block: int, grain: int):
+        self.B, self.L, self.block = B, L, block
+        nb = -(-L // block)
+        self.nb, self.Lq = nb, nb * block
+        pos = torch.arange(L, device=device)
+        start = torch.ones(B, L, dtype=torch.bool, device=device)
+        start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        end = torch.ones(B, L, dtype=torch.bool, device=device)
+        end[:, :-1] = start[:, 1:]
+        lo = torch.where(start, pos, torch.zeros_like(pos)).cummax(dim=1).values  # first key of q's document
+        hi = torch.where(end, pos, torch.full_like(pos, L)).flip(1).cummin(dim=1).values.flip(1)  # its last key
+        if causal:
+            hi = torch.minimum(hi, pos.expand(B, L))
+        if window is not None:
+            left, right = window
+            lo = torch.maximum(lo, pos - left)
+            if not causal:
+                hi = torch.minimum(hi, pos + right)
+        pad = self.Lq - L
+        lo_b = F.pad(lo, (0, pad), value=L).view(B, nb, block).amin(-1)  # [B, nb] first key of each query block
+        hi_b = F.pad(hi, (0, pad), value=-1).view(B, nb, block).amax(-1)  # last key
+        width = ((hi_b - lo_b + 1 + grain - 1) // grain) * grain
+        width = width.clamp(max=-(-L // grain) * grain)
+        self.work = int(width.sum()) * block  # query-key pairs computed
+        self.Lk = L + int(width.max())  # keys padded at the end so every span fits
+        lo_b = torch.minimum(lo_b, torch.full_like(lo_b, L))
+        widths = width.flatten()
+        order = torch.argsort(widths, stable=True)
+        self.order = order  # query blocks grouped by width
+        self.inverse = torch.argsort(order)
+        ws, counts = torch.unique_consecutive(widths[order], return_counts=True)
+        self.groups = []
+        qd = F.pad(doc_ids, (0, pad), value=-3).view(B * nb, block)  # query docs per block
+        kd_all = F.pad(doc_ids, (0, self.Lk - L), value=-2)  # key docs, padded slots match nothing
+        qpos = (torch.arange(nb, device=device)[:, None] * block + torch.arange(block, device=device)[None, :])  # [nb, block]
+        first = 0
+        for w, n in zip(ws.tolist(), counts.tolist()):
+            blocks = order[first:first + n]
+            first += n
+            b, i = blocks // nb, blocks % nb
+            kpos = lo_b.flatten()[blocks][:, None] + torch.arange(w, device=device)[None, :]  # [n, w]
+            kidx = b[:, None] * self.Lk + kpos
+            qp = qpos[i]  # [n, block]
+            ok = qd[blocks][:, :, None] == kd_all[b[:, None], kpos][:, None, :]
+            d = kpos[:, None, :] - qp[:, :, None]
+            if causal:
+                ok &= d <= 0
+            if window is not None:
+                ok &= (d >= -window[0]) & (d <= window[1])
+            beyond = (qp >= L)[:, :, None] & (torch.arange(w, device=device) == 0)[None, None, :]
+            ok = ok | beyond
+            self.groups.append((n, w, kidx.flatten(), ok[:, None]))
+        self._masks: dict = {}
+
+    def masks(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        m = self._masks.get(dtype)
+        if m is None:
+            m = []
+            for _, _, _, ok in self.groups:
+                t = torch.zeros(ok.shape, dtype=dtype, device=ok.device)
+                t.masked_fill_(~ok, float("-inf"))
+                m.append(t)
+            self._masks[dtype] = m
+        return m
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        B, h, L, D = q.shape
+        ql = q.transpose(1, 2)  # [B, L, h, D]
+        if self.Lq != L:
+            ql = F.pad(ql, (0, 0, 0, 0, 0, self.Lq - L))
+        qb = ql.reshape(B * self.nb, self.block, h, D)[self.order]  # blocks grouped by span width
+        kf = F.pad(k.transpose(1, 2), (0, 0, 0, 0, 0, self.Lk - L)).reshape(B * self.Lk, h, D)
+        vf = F.pad(v.transpose(1, 2), (0, 0, 0, 0, 0, self.Lk - L)).reshape(B * self.Lk, h, D)
+        outs, first = [], 0
+        for (n, w, kidx, _), mask in zip(self.groups, self.masks(q.dtype)):
+            qg = qb[first:first + n].transpose(1, 2)  # [n, h, block, D]
+            first += n
+            kg = kf.index_select(0, kidx).view(n, w, h, D).transpose(1, 2)
+            vg = vf.index_select(0, kidx).view(n, w, h, D).transpose(1, 2)
+            outs.append(F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask).transpose(1, 2))  # [n, block, h, D]
+        o = torch.cat(outs)[self.inverse].reshape(B, self.Lq, h, D)
+        return o[:, :L].transpose(1, 2)
+
+
+def span_plan(doc_ids: torch.Tensor | None, B: int, L: int, device, *, causal: bool, window: tuple[int, int] | None = None,
+              block: int = 64) -> SpanPlan | None:
+    """A :class:`SpanPlan` when spans save half or more of the full mask's work, else None.
+
+    Needs document ids whose every document is one contiguous run in its row (packing and
+    right or left padding give that); anything else keeps the full mask.
+    """
+    if doc_ids is None or L <= block:
+        return None
+    starts = 1 + (doc_ids[:, 1:] != doc_ids[:, :-1]).sum(1)
+    srt = doc_ids.sort(dim=1).values
+    distinct = 1 + (srt[:, 1:] != srt[:, :-1]).sum(1)
+    if bool((starts != distinct).any()):  # a document in two pieces: spans would miss keys
+        return None
+    grain = max(block, -(-L // 16 // block) * block)  # at most ~16 span widths: at most ~16 kernel calls
+    plan = SpanPlan(doc_ids, B, L, device, causal=causal, window=window, block=block, grain=grain)
+    if plan.work > 0.5 * B * L * L:  # gathers and small calls eat the saving of a smaller cut (measured)
+        return None
+    return plan
+
+
+def rows_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, doc_ids: torch.Tensor | None,
+                   *, causal: bool, window: tuple[int, int] | None) -> torch.Tensor:
+    """Attention for the queries at ``keep`` [B, L] only: q [N, h, D] (``keep``'s row-major order),
+    keys and values [B, h, L, D] from every position. Returns [N, h, D].
+
+    The same mask as :func:`sdpa_mask` (documents, causality, window), for the kept rows: each
+    batch row's queries are gathered into M slots (M = the most any row keeps); empty slots see
+    key 0 (finite, dropped).
+    """
+    B, h, L, D = k.shape
+    b_idx, pos = keep.nonzero(as_tuple=True)
+    counts = keep.sum(1)
+    M = max(1, int(counts.max()))
+    slot = torch.arange(b_idx.numel(), device=k.device) - (counts.cumsum(0) - counts)[b_idx]
+    qp = q.new_zeros((B, M, h, D)).index_put((b_idx, slot), q)
+    qpos = torch.full((B, M), -1, dtype=torch.long, device=k.device).index_put((b_idx, slot), pos)
+    kpos = torch.arange(L, device=k.device)
+    d = kpos[None, None, :] - qpos[:, :, None]  # key - query, [B, M, L]
+    ok = torch.ones((B, M, L), dtype=torch.bool, device=k.device)
+    if doc_ids is not None:
+        qd = doc_ids.gather(1, qpos.clamp(min=0))
+        ok &= qd[:, :, None] == doc_ids[:, None, :]
+    if causal:
+        ok &= d <= 0
+    if window is not None:
+        ok &= (d >= -window[0]) & (d <= window[1])
+    ok = torch.where((qpos < 0)[:, :, None], (kpos == 0)[None, None, :], ok)
+    o = F.scaled_dot_product_attention(qp.transpose(1, 2), k, v, attn_mask=ok[:, None])  # [B, h, M, D]
+    return o.transpose(1, 2)[b_idx, slot]
+
+
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)

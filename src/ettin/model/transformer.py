@@ -58,7 +58,9 @@ class Block(nn.Module):
         self.wi = nn.Linear(h, 2 * config.intermediate, bias=False)
         self.wo = nn.Linear(config.intermediate, h, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attend, keep: torch.Tensor | None = None) -> torch.Tensor:
+        if keep is not None:  # through the module call, so FSDP2 gathers the weights for it too
+            return self.forward_at(x, rope, keep, attend)
         B, L, H = x.shape
         qkv = linear(self.attn_norm(x), self.qkv.weight).view(B, L, 3, self.heads, H // self.heads)
         cos, sin = rope
@@ -74,6 +76,25 @@ class Block(nn.Module):
         x = x + y
         return x + linear(geglu(linear(self.mlp_norm(x), self.wi.weight)), self.wo.weight)
 
+    def forward_at(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], keep: torch.Tensor, attend_rows) -> torch.Tensor:
+        """The block's output at the positions ``keep`` [B, L] only, [N, H] (the last block under
+        MLM: the loss reads 30% of the positions). Keys and values still come from every position;
+        queries, the output projection and the MLP run on the kept rows alone."""
+        B, L, H = x.shape
+        hd = H // self.heads
+        n = self.attn_norm(x)
+        kv = linear(n, self.qkv.weight[H:]).view(B, L, 2, self.heads, hd)
+        q = linear(n[keep], self.qkv.weight[:H]).view(-1, self.heads, hd)
+        cos, sin = (t[:, :, 0] for t in rope)  # [B or 1, L, 1, D]
+        k = apply_rotary(kv[:, :, 0], cos, sin)
+        q = apply_rotary(q, cos.expand(B, L, 1, hd)[keep], sin.expand(B, L, 1, hd)[keep])
+        y = attend_rows(q, k.transpose(1, 2), kv[:, :, 1].transpose(1, 2)).reshape(-1, H)
+        y = linear(y, self.out.weight)
+        if self.training and self.out_dropout > 0:  # the mask the whole block would draw, at the kept rows
+            y = y * F.dropout(torch.ones((B, L, H), dtype=y.dtype, device=y.device), self.out_dropout, training=True)[keep]
+        x = x[keep] + y
+        return x + linear(geglu(linear(self.mlp_norm(x), self.wi.weight)), self.wo.weight)
+
 
 class Transformer(nn.Module):
     """Token ids -> logits. ``config.causal`` is the only encoder/decoder switch."""
@@ -83,7 +104,9 @@ class Transformer(nn.Module):
         self.config = config
         self.attn_impl = "auto"  # "auto" | "sdpa" | "flex"
         self.band_block = 64  # local layers on the SDPA path: query block of the banded attention
+        self.span_block = 64  # global layers on the SDPA path, with documents: query block of the span attention
         self.fused_loss = True  # forward(..., labels=) computes the loss (ettin.objectives.loss uses it)
+        self.sparse_last_layer = True  # with labels on at most half the positions, the last block runs there only
         self.activation_checkpointing = False
         self.embed = nn.Embedding(config.vocab_size, config.hidden)
         self.embed_norm = nn.LayerNorm(config.hidden, eps=config.norm_eps, bias=False)
@@ -128,8 +151,13 @@ class Transformer(nn.Module):
         doc_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Backbone output after the final norm, [B, L, hidden] (what embeddings and classifiers use)."""
+        """Backbone output after the final norm, [B, L, hidden] (what embeddings and classifiers use).
+
+        With ``keep`` [B, L] (bool) only the kept positions' outputs, [N, hidden]: the last block
+        computes nothing else (:meth:`Block.forward_at`).
+        """
         c = self.config
         B, L = input_ids.shape
         dev = input_ids.device
@@ -141,12 +169,20 @@ class Transformer(nn.Module):
         rope_g = self.rope_global.cos_sin(position_ids, dtype)
         rope_l = rope_g if c.rope_theta_local == c.rope_theta_global else self.rope_local.cos_sin(position_ids, dtype)
         attend_g, attend_l = self._attention_fns(docs, B, L, dev)
-        for block in self.blocks:
+        blocks = list(self.blocks)
+        last = blocks.pop() if keep is not None else None
+        ckpt = self.activation_checkpointing and self.training
+        for block in blocks:
             rope, attend = (rope_g, attend_g) if block.is_global else (rope_l, attend_l)
-            if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, rope, attend, use_reentrant=False)
-            else:
-                x = block(x, rope, attend)
+            x = checkpoint(block, x, rope, attend, use_reentrant=False) if ckpt else block(x, rope, attend)
+        if last is not None:
+            window = None if last.is_global else c.window()
+            rope = rope_g if last.is_global else rope_l
+
+            def attend_rows(q, k, v):
+                return A.rows_attention(q, k, v, keep, docs, causal=c.causal, window=window)
+
+            x = checkpoint(last, x, rope, attend_rows, keep, use_reentrant=False) if ckpt else last(x, rope, attend_rows, keep)
         return self.final_norm(x)
 
     def _attention_fns(self, docs, B: int, L: int, dev):
@@ -157,8 +193,12 @@ class Transformer(nn.Module):
             bm_g = A.flex_block_mask(docs, B, L, dev, causal=causal, window=None)
             bm_l = A.flex_block_mask(docs, B, L, dev, causal=causal, window=window) if need_local else None
             return (lambda q, k, v: A.flex(q, k, v, bm_g)), (lambda q, k, v: A.flex(q, k, v, bm_l))
-        m_g = A.sdpa_mask(docs, L, dev, causal=causal, window=None)
-        attend_g = lambda q, k, v: A.sdpa(q, k, v, m_g, causal=causal)  # noqa: E731
+        span = A.span_plan(docs, B, L, dev, causal=causal, block=self.span_block) if self.span_block else None
+        if span is not None:
+            attend_g = span.attend
+        else:
+            m_g = A.sdpa_mask(docs, L, dev, causal=causal, window=None)
+            attend_g = lambda q, k, v: A.sdpa(q, k, v, m_g, causal=causal)  # noqa: E731
         if not need_local:
             return attend_g, None
         band = A.band_plan(docs, B, L, dev, causal=causal, window=window, block=self.band_block)
@@ -189,13 +229,17 @@ class Transformer(nn.Module):
         projection + loss are fused and chunked (:func:`ettin.objectives.linear_cross_entropy`),
         so the [N, vocab] logits are never held at once. This is the training path.
         """
-        hidden = self.encode(input_ids, doc_ids=doc_ids, attention_mask=attention_mask, position_ids=position_ids)
         if labels is not None:
             from ettin.objectives import IGNORE, linear_cross_entropy
 
             where = labels != IGNORE
-            h = self.head_norm(F.gelu(linear(hidden[where], self.head_dense.weight)))
+            if self.sparse_last_layer and 2 * int(where.sum()) <= where.numel():  # MLM, MNTP: the last block at the labels only
+                hidden = self.encode(input_ids, doc_ids=doc_ids, attention_mask=attention_mask, position_ids=position_ids, keep=where)
+            else:
+                hidden = self.encode(input_ids, doc_ids=doc_ids, attention_mask=attention_mask, position_ids=position_ids)[where]
+            h = self.head_norm(F.gelu(linear(hidden, self.head_dense.weight)))
             return linear_cross_entropy(h, self.embed.weight, self.out_bias, labels[where], reduction="sum")
+        hidden = self.encode(input_ids, doc_ids=doc_ids, attention_mask=attention_mask, position_ids=position_ids)
         if predict_mask is not None:
             hidden = hidden[predict_mask]
         return self.head(hidden)
@@ -229,5 +273,6 @@ class Transformer(nn.Module):
         switching to dynamic-shape kernels (slower, and flex attention's CPU template fails on them).
         """
         kwargs.setdefault("dynamic", False)
+        self.sparse_last_layer = False  # a data-dependent row count would break the compiled graph
         for b in self.blocks:
             b.compile(**kwargs)
