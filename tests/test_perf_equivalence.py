@@ -146,7 +146,8 @@ def test_fast_kernels_equal_plain_pytorch(causal, monkeypatch):
         with monkeypatch.context() as mp:
             if not fast:
                 mp.setattr(C, "use_onednn", lambda x, w: False)
-                mp.setattr(T._RopeQKV, "apply", lambda qkv, c, s: torch.cat((T.apply_rotary(qkv[:, :, :2], c, s), qkv[:, :, 2:]), dim=2))
+                mp.setattr(T, "rope_split", lambda qkv, c, s: tuple(
+                    t.transpose(1, 2) for t in torch.cat((T.apply_rotary(qkv[:, :, :2], c, s), qkv[:, :, 2:]), dim=2).unbind(2)))
                 mp.setattr(K._GeGLU, "apply", lambda x: F.gelu(x.chunk(2, -1)[0]) * x.chunk(2, -1)[1])
                 mp.setattr(A, "band_plan", lambda *a, **k: None)
                 mp.setattr(A, "span_plan", lambda *a, **k: None)
@@ -198,6 +199,16 @@ def test_rope_and_geglu_functions_match_plain_ops():
     assert close(got, ref)
     go = torch.randn_like(ref)
     assert close(torch.autograd.grad(got, qkv, go)[0], torch.autograd.grad(ref, qkv, go)[0])
+    # rope_split: the same, as [B, heads, L, D] views; the gradient of any subset of q, k, v
+    split = K.rope_split(qkv, cos, sin)
+    ref = torch.cat((qkv[:, :, :2] * c + rotate_half(qkv[:, :, :2]) * s, qkv[:, :, 2:]), dim=2)
+    for a, r in zip(split, ref.unbind(2)):
+        assert close(a, r.transpose(1, 2))
+    for used in [(0, 1, 2), (0, 2), (1,)]:
+        gos = [torch.randn_like(split[i]) for i in used]
+        a = torch.autograd.grad([split[i] for i in used], qkv, gos, retain_graph=True)[0]
+        b = torch.autograd.grad([ref.unbind(2)[i].transpose(1, 2) for i in used], qkv, gos, retain_graph=True)[0]
+        assert close(a, b)
     x = torch.randn(4, 6, 10, requires_grad=True)
     a, gate = x.chunk(2, -1)
     ref = F.gelu(a) * gate
@@ -268,6 +279,25 @@ def test_span_attention_equals_full_mask(causal, L, block, window):
     q, k, v = (torch.randn(B, L, h, D, requires_grad=True) for _ in range(3))
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     ref = A.sdpa(qt, kt, vt, mask, causal=causal)
+    got = plan.attend(qt, kt, vt)
+    assert close(got, ref)
+    go = torch.randn_like(ref)
+    for a, c in zip(torch.autograd.grad(got, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go)):
+        assert close(a, c)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_span_attention_in_row_groups_equals_full_mask(causal, monkeypatch):
+    """Rows go to the span plans in groups of SPAN_TOKENS (here 2 rows of 1,500 and 1 row)."""
+    monkeypatch.setattr(A, "SPAN_TOKENS", 3000)
+    torch.manual_seed(1)
+    B, L, h, D = 3, 1500, 2, 8
+    docs = _packed_docs(B, L, 11, pad=100)
+    plan = A.span_plan(docs, B, L, "cpu", causal=causal)
+    assert plan is not None and plan.rows == [2, 1]
+    q, k, v = (torch.randn(B, L, h, D, requires_grad=True) for _ in range(3))
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    ref = A.sdpa(qt, kt, vt, A.sdpa_mask(docs, L, "cpu", causal=causal, window=None), causal=causal)
     got = plan.attend(qt, kt, vt)
     assert close(got, ref)
     go = torch.randn_like(ref)

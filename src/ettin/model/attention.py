@@ -69,6 +69,35 @@ def sdpa(q, k, v, mask: torch.Tensor | None, *, causal: bool) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+class _Bands(torch.autograd.Function):
+    """[B, L, h, D] -> [B * nb, Kb, h, D]: each query block's band of keys (or values), copied.
+
+    The backward adds each band's gradient back with ceil(Kb / block) strided adds into one
+    [B, L, h, D]-sized buffer. (Through ``unfold`` the backward zero-fills a [B * nb, Kb, h, D]
+    buffer and scatters into it: 35 ms of a 17m encoder step on 2 cores, against ~5 ms.)
+    """
+
+    @staticmethod
+    def forward(ctx, x, left: int, right: int, block: int, nb: int):
+        B, L, h, D = x.shape
+        Kb = block + left + right
+        xp = F.pad(x, (0, 0, 0, 0, left, nb * block - L + right))  # [B, nb * block + Kb - block, h, D]
+        ctx.dims = (B, L, h, D, left, block, nb, Kb)
+        return xp.unfold(1, Kb, block).permute(0, 1, 4, 2, 3).reshape(B * nb, Kb, h, D)
+
+    @staticmethod
+    def backward(ctx, g):
+        B, L, h, D, left, block, nb, Kb = ctx.dims
+        g = g.view(B, nb, Kb, h, D)
+        parts = -(-Kb // block)
+        dxp = torch.zeros((B, (nb + parts) * block, h, D), dtype=g.dtype, device=g.device)
+        for i in range(parts):  # band j's keys o .. o + w - 1 sit at padded positions j * block + o ..
+            o = i * block
+            w = min(block, Kb - o)
+            dxp[:, o:o + nb * block].view(B, nb, block, h, D)[:, :, :w] += g[:, :, o:o + w]
+        return dxp[:, left:left + L], None, None, None, None
+
+
 class BandPlan:
     """Sliding-window attention as attention inside bands (the SDPA path's local layers).
 
@@ -115,10 +144,7 @@ class BandPlan:
 
     def _bands(self, x: torch.Tensor) -> torch.Tensor:
         """[B, L, h, D] keys/values -> [B * nb, h, Kb, D] bands."""
-        B, L, h, D = x.shape
-        xp = F.pad(x, (0, 0, 0, 0, self.left, self.Lq - L + self.right))  # [B, Lp, h, D]
-        xb = xp.unfold(1, self.Kb, self.block)  # [B, nb, h, D, Kb]
-        return xb.permute(0, 1, 4, 2, 3).reshape(B * self.nb, self.Kb, h, D).transpose(1, 2)
+        return _Bands.apply(x, self.left, self.right, self.block, self.nb).transpose(1, 2)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         B, h, L, D = q.shape
@@ -179,7 +205,7 @@ class SpanPlan:
         width = ((hi_b - lo_b + 1 + grain - 1) // grain) * grain
         width = width.clamp(max=-(-L // grain) * grain)
         self.work = int(width.sum()) * block  # query-key pairs computed
-        self.Lk = L + int(width.max())  # keys padded at the end so every span fits
+        self.Lk = L + int(width.max())  # key positions a span may reach (past L: masked out)
         lo_b = torch.minimum(lo_b, torch.full_like(lo_b, L))
         widths = width.flatten()
         order = torch.argsort(widths, stable=True)
@@ -196,7 +222,7 @@ class SpanPlan:
             first += n
             b, i = blocks // nb, blocks % nb
             kpos = lo_b.flatten()[blocks][:, None] + torch.arange(w, device=device)[None, :]  # [n, w]
-            kidx = b[:, None] * self.Lk + kpos
+            kidx = b[:, None] * L + kpos.clamp(max=L - 1)  # past the end: any key (masked out below)
             qp = qpos[i]  # [n, block]
             ok = qd[blocks][:, :, None] == kd_all[b[:, None], kpos][:, None, :]
             d = kpos[:, None, :] - qp[:, :, None]
@@ -207,6 +233,8 @@ class SpanPlan:
             beyond = (qp >= L)[:, :, None] & (torch.arange(w, device=device) == 0)[None, None, :]
             ok = ok | beyond
             self.groups.append((n, w, kidx.flatten(), ok[:, None]))
+        self.kidx = torch.cat([g[2] for g in self.groups])  # every group's keys: one gather for all
+        self.sizes = [n * w for n, w, _, _ in self.groups]
         self._masks: dict = {}
 
     def masks(self, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -221,30 +249,52 @@ class SpanPlan:
         return m
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One gather for the query blocks, one for all keys, one for all values (so the backward
+        is one index_add each, not one zero-filled buffer per group)."""
         B, h, L, D = q.shape
         ql = q.transpose(1, 2)  # [B, L, h, D]
         if self.Lq != L:
             ql = F.pad(ql, (0, 0, 0, 0, 0, self.Lq - L))
-        qb = ql.reshape(B * self.nb, self.block, h, D)[self.order]  # blocks grouped by span width
-        kf = F.pad(k.transpose(1, 2), (0, 0, 0, 0, 0, self.Lk - L)).reshape(B * self.Lk, h, D)
-        vf = F.pad(v.transpose(1, 2), (0, 0, 0, 0, 0, self.Lk - L)).reshape(B * self.Lk, h, D)
+        qb = ql.reshape(B * self.nb, self.block, h, D).index_select(0, self.order)  # blocks grouped by span width
+        kg = k.transpose(1, 2).reshape(B * L, h, D).index_select(0, self.kidx).split(self.sizes)
+        vg = v.transpose(1, 2).reshape(B * L, h, D).index_select(0, self.kidx).split(self.sizes)
         outs, first = [], 0
-        for (n, w, kidx, _), mask in zip(self.groups, self.masks(q.dtype)):
-            qg = qb[first:first + n].transpose(1, 2)  # [n, h, block, D]
+        for (n, w, _, _), kk, vv, mask in zip(self.groups, kg, vg, self.masks(q.dtype)):
+            qq = qb[first:first + n].transpose(1, 2)  # [n, h, block, D]
             first += n
-            kg = kf.index_select(0, kidx).view(n, w, h, D).transpose(1, 2)
-            vg = vf.index_select(0, kidx).view(n, w, h, D).transpose(1, 2)
-            outs.append(F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask).transpose(1, 2))  # [n, block, h, D]
-        o = torch.cat(outs)[self.inverse].reshape(B, self.Lq, h, D)
+            kk, vv = (t.view(n, w, h, D).transpose(1, 2) for t in (kk, vv))
+            outs.append(F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask).transpose(1, 2))  # [n, block, h, D]
+        o = torch.cat(outs).index_select(0, self.inverse).reshape(B, self.Lq, h, D)
         return o[:, :L].transpose(1, 2)
 
 
+class ChunkedSpans:
+    """Span attention over groups of rows (at most ~4,096 tokens each), one :class:`SpanPlan` per
+    group: the gathered keys of a group stay in cache (one plan over 16k tokens was measured
+    slower than the full mask; the same rows in groups of 4k tokens were faster)."""
+
+    def __init__(self, plans: list[SpanPlan], rows: list[int]):
+        self.plans, self.rows = plans, rows
+        self.work = sum(p.work for p in plans)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if len(self.plans) == 1:
+            return self.plans[0].attend(q, k, v)
+        parts = zip(self.plans, q.split(self.rows), k.split(self.rows), v.split(self.rows))
+        return torch.cat([p.attend(qq, kk, vv) for p, qq, kk, vv in parts])
+
+
+SPAN_TOKENS = 4096  # tokens per span plan (rows are grouped up to this)
+
+
 def span_plan(doc_ids: torch.Tensor | None, B: int, L: int, device, *, causal: bool, window: tuple[int, int] | None = None,
-              block: int = 64) -> SpanPlan | None:
-    """A :class:`SpanPlan` when spans save half or more of the full mask's work, else None.
+              block: int = 64) -> ChunkedSpans | None:
+    """Span attention when it removes enough of the full mask's work, else None.
 
     Needs document ids whose every document is one contiguous run in its row (packing and
-    right or left padding give that); anything else keeps the full mask.
+    right or left padding give that); anything else keeps the full mask. Used at up to 60% of
+    the full work: the break-even measured between 55% and 67% (8-16 rows of 512-1,024 tokens,
+    forward + backward and forward only, 2 threads; ``bench/README.md``).
     """
     if doc_ids is None or L <= block:
         return None
@@ -253,9 +303,12 @@ def span_plan(doc_ids: torch.Tensor | None, B: int, L: int, device, *, causal: b
     distinct = 1 + (srt[:, 1:] != srt[:, :-1]).sum(1)
     if bool((starts != distinct).any()):  # a document in two pieces: spans would miss keys
         return None
-    grain = max(block, -(-L // 16 // block) * block)  # at most ~16 span widths: at most ~16 kernel calls
-    plan = SpanPlan(doc_ids, B, L, device, causal=causal, window=window, block=block, grain=grain)
-    if plan.work > 0.5 * B * L * L:  # gathers and small calls eat the saving of a smaller cut (measured)
+    grain = max(block, -(-L // 16 // block) * block)  # at most ~16 span widths: at most ~16 kernel calls per plan
+    per = max(1, SPAN_TOKENS // L)
+    rows = [min(per, B - r) for r in range(0, B, per)]
+    plans = [SpanPlan(d, len(d), L, device, causal=causal, window=window, block=block, grain=grain) for d in doc_ids.split(rows)]
+    plan = ChunkedSpans(plans, rows)
+    if plan.work > 0.6 * B * L * L:  # the full masked SDPA computes every entry
         return None
     return plan
 

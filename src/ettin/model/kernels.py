@@ -53,6 +53,44 @@ class _RopeQKV(torch.autograd.Function):
         return dx, None, None
 
 
+class _RopeSplit(torch.autograd.Function):
+    """[B, L, 3, heads, D] projections -> rotated q, rotated k, v as [B, heads, L, D] views of one
+    buffer. The backward takes the three gradients as attention returns them and writes the
+    input gradient in one buffer: no stacking of dq, dk, dv first (one full copy less per layer
+    than ``_RopeQKV`` followed by ``unbind``)."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin):
+        out = _RopeQKV.forward(ctx, qkv, cos, sin)  # saves cos and sin
+        ctx.shape = qkv.shape
+        return tuple(t.transpose(1, 2) for t in out.unbind(2))
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        cos, sin = ctx.saved_tensors
+        dx = torch.empty(ctx.shape, dtype=cos.dtype if dq is None else dq.dtype, device=cos.device)
+        half = ctx.shape[-1] // 2
+        c, s = cos[:, :, 0], sin[:, :, 0]  # [B or 1, L, 1, D]
+        for i, g in enumerate((dq, dk)):
+            dst = dx[:, :, i]
+            if g is None:
+                dst.zero_()
+                continue
+            g = g.transpose(1, 2)  # [B, L, heads, D]
+            torch.mul(g, c, out=dst)
+            dst.addcmul_(g.roll(half, -1), s, value=-1)
+        if dv is None:
+            dx[:, :, 2].zero_()
+        else:
+            dx[:, :, 2].copy_(dv.transpose(1, 2))
+        return dx, None, None
+
+
+def rope_split(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """(q, k, v), each [B, heads, L, D]: ``qkv`` [B, L, 3, heads, D] with q and k rotated."""
+    return _RopeSplit.apply(qkv, cos, sin)
+
+
 class _GeGLU(torch.autograd.Function):
     """gelu(a) * gate for ``[a | gate]`` = the Wi output; the backward fills one [.., 2I] buffer (no cat)."""
 

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from ettin.config import ModelConfig
 from ettin.model import attention as A
 from ettin.model.cpu import tune_cpu_allocator  # noqa: F401  (re-exported for older imports)
-from ettin.model.kernels import _RopeQKV, apply_rotary, geglu, linear, mm_nt  # noqa: F401  (fused kernels live beside the model)
+from ettin.model.kernels import _RopeQKV, apply_rotary, geglu, linear, mm_nt, rope_split  # noqa: F401  (fused kernels live beside the model)
 
 
 class Rotary(nn.Module):
@@ -65,10 +65,10 @@ class Block(nn.Module):
         qkv = linear(self.attn_norm(x), self.qkv.weight).view(B, L, 3, self.heads, H // self.heads)
         cos, sin = rope
         if not torch.compiler.is_compiling():
-            qkv = _RopeQKV.apply(qkv, cos, sin)  # eager: one buffer each way (torch.compile fuses the plain ops)
+            q, k, v = rope_split(qkv, cos, sin)  # eager: one buffer each way (torch.compile fuses the plain ops)
         else:
             qkv = torch.cat((apply_rotary(qkv[:, :, :2], cos, sin), qkv[:, :, 2:]), dim=2)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each [B, heads, L, D], memory [B, L, heads, D]
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each [B, heads, L, D], memory [B, L, heads, D]
         y = attend(q, k, v).transpose(1, 2).reshape(B, L, H)
         y = linear(y, self.out.weight)
         if self.training and self.out_dropout > 0:
