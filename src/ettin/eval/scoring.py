@@ -79,57 +79,19 @@ def _batches(order: list[int], batch_size: int):
 
 
 def _can_read_sparse(model) -> bool:
-    need = ("embed", "embed_norm", "blocks", "final_norm", "head", "rope_global", "rope_local", "_attention_fns")
-    return all(hasattr(model, n) for n in need) and len(model.blocks) > 0 and all(
-        hasattr(b, n) for b in model.blocks for n in ("is_global", "attn_norm", "qkv", "out", "mlp_norm", "wi", "wo", "heads"))
+    """The model computes its last block at chosen rows (``encode(..., keep=)``, ettin's Transformer)."""
+    return hasattr(model, "encode") and hasattr(model, "head") and hasattr(model, "blocks") and len(model.blocks) > 0 and all(
+        hasattr(b, "forward_at") for b in model.blocks)
 
 
 def read_forward(model, x: torch.Tensor, attention_mask: torch.Tensor | None, predict_mask: torch.Tensor) -> torch.Tensor:
     """``model(x, attention_mask=..., predict_mask=...)`` (logits at the read positions, row-major)
-    with the last block computed only where it is read: its keys and values need every position,
-    its queries, attention output and MLP only the read ones. Same numbers up to float rounding
-    (tested); models without the standard layout take the plain forward."""
+    with the last block computed only where it is read (:meth:`Block.forward_at`: its keys and
+    values need every position, its queries, attention output and MLP only the read ones). Same
+    numbers up to float rounding (tested); models without it take the plain forward."""
     if not _can_read_sparse(model):
         return model(x, attention_mask=attention_mask, predict_mask=predict_mask)
-    from ettin.model import attention as A
-    from ettin.model.transformer import _RopeQKV, geglu, linear
-
-    cfg = model.config
-    B, L = x.shape
-    dev = x.device
-    docs = A.fold_padding(None, attention_mask, (B, L), dev)
-    pos = A.positions_from_docs(None, (B, L), dev)
-    h = model.embed_norm(model.embed(x))
-    dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else h.dtype
-    rope_g = model.rope_global.cos_sin(pos, dtype)
-    rope_l = rope_g if cfg.rope_theta_local == cfg.rope_theta_global else model.rope_local.cos_sin(pos, dtype)
-    attend_g, attend_l = model._attention_fns(docs, B, L, dev)
-    for block in model.blocks[:-1]:
-        h = block(h, rope_g, attend_g) if block.is_global else block(h, rope_l, attend_l)
-    last = model.blocks[-1]
-    H = h.shape[-1]
-    D = H // last.heads
-    qkv = linear(last.attn_norm(h), last.qkv.weight).view(B, L, 3, last.heads, D)
-    cos, sin = rope_g if last.is_global else rope_l
-    qkv = _RopeQKV.apply(qkv, cos, sin)
-    b_idx, p_idx = predict_mask.nonzero(as_tuple=True)  # row-major, as boolean indexing orders them
-    q = qkv[b_idx, p_idx, 0][:, :, None]  # [N, heads, 1, D]
-    k = qkv[:, :, 1].transpose(1, 2)[b_idx]  # [N, heads, L, D]
-    v = qkv[:, :, 2].transpose(1, 2)[b_idx]
-    kpos = torch.arange(L, device=dev)[None, :]
-    qpos = p_idx[:, None]
-    allowed = torch.ones(len(b_idx), L, dtype=torch.bool, device=dev)
-    if docs is not None:
-        allowed &= docs[b_idx] == docs[b_idx, p_idx][:, None]
-    if cfg.causal:
-        allowed &= kpos <= qpos
-    if not last.is_global:
-        left, right = cfg.window()
-        allowed &= (qpos - kpos <= left) & (kpos - qpos <= right)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None, None, :]).reshape(len(b_idx), H)
-    hs = h[b_idx, p_idx] + linear(y, last.out.weight)
-    hs = hs + linear(geglu(linear(last.mlp_norm(hs), last.wi.weight)), last.wo.weight)
-    return model.head(model.final_norm(hs))
+    return model.head(model.encode(x, attention_mask=attention_mask, keep=predict_mask))
 
 
 @torch.inference_mode()
