@@ -218,6 +218,18 @@ def test_rope_and_geglu_functions_match_plain_ops():
     assert close(torch.autograd.grad(got, x, go)[0], torch.autograd.grad(ref, x, go)[0])
 
 
+def _same_as_full_mask(attend, docs, B: int, L: int, h: int, D: int, *, causal: bool, window) -> None:
+    """``attend`` (q, k, v as the block passes them) == SDPA with the full L x L mask: output and gradients."""
+    q, k, v = (torch.randn(B, L, h, D, requires_grad=True) for _ in range(3))
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # the block's layout: [B, h, L, D] views
+    ref = A.sdpa(qt, kt, vt, A.sdpa_mask(docs, L, "cpu", causal=causal, window=window), causal=causal)
+    got = attend(qt, kt, vt)
+    assert close(got, ref)
+    go = torch.randn_like(ref)
+    for a, c in zip(torch.autograd.grad(got, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go)):
+        assert close(a, c)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("L", [256, 300, 700])
 @pytest.mark.parametrize("with_docs", [False, True])
@@ -238,15 +250,7 @@ def test_banded_attention_equals_full_mask(causal, L, with_docs, block):
     if plan is None:  # bands would not save work at this length: the model keeps the full mask
         assert L * block >= 256 * 64  # only short sequences with coarse blocks fall back
         return
-    q, k, v = (torch.randn(B, L, h, D, requires_grad=True) for _ in range(3))
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # the block's layout: [B, h, L, D] views
-    mask = A.sdpa_mask(docs, L, "cpu", causal=causal, window=window)
-    ref = A.sdpa(qt, kt, vt, mask, causal=causal)
-    got = plan.attend(qt, kt, vt)
-    assert close(got, ref)
-    go = torch.randn_like(ref)
-    for a, c in zip(torch.autograd.grad(got, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go)):
-        assert close(a, c)
+    _same_as_full_mask(plan.attend, docs, B, L, h, D, causal=causal, window=window)
 
 
 def _packed_docs(B: int, L: int, seed: int, pad: int = 0) -> torch.Tensor:
@@ -273,17 +277,9 @@ def test_span_attention_equals_full_mask(causal, L, block, window):
     if causal and window is not None:
         window = (window[0], 0)
     docs = _packed_docs(B, L, L, pad=37)
-    mask = A.sdpa_mask(docs, L, "cpu", causal=causal, window=window)
     plan = A.SpanPlan(docs, B, L, "cpu", causal=causal, window=window, block=block, grain=block)
     assert plan.work < B * L * L  # documents leave keys out
-    q, k, v = (torch.randn(B, L, h, D, requires_grad=True) for _ in range(3))
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    ref = A.sdpa(qt, kt, vt, mask, causal=causal)
-    got = plan.attend(qt, kt, vt)
-    assert close(got, ref)
-    go = torch.randn_like(ref)
-    for a, c in zip(torch.autograd.grad(got, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go)):
-        assert close(a, c)
+    _same_as_full_mask(plan.attend, docs, B, L, h, D, causal=causal, window=window)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -295,14 +291,7 @@ def test_span_attention_in_row_groups_equals_full_mask(causal, monkeypatch):
     docs = _packed_docs(B, L, 11, pad=100)
     plan = A.span_plan(docs, B, L, "cpu", causal=causal)
     assert plan is not None and plan.rows == [2, 1]
-    q, k, v = (torch.randn(B, L, h, D, requires_grad=True) for _ in range(3))
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    ref = A.sdpa(qt, kt, vt, A.sdpa_mask(docs, L, "cpu", causal=causal, window=None), causal=causal)
-    got = plan.attend(qt, kt, vt)
-    assert close(got, ref)
-    go = torch.randn_like(ref)
-    for a, c in zip(torch.autograd.grad(got, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go)):
-        assert close(a, c)
+    _same_as_full_mask(plan.attend, docs, B, L, h, D, causal=causal, window=None)
 
 
 def test_span_plan_is_used_only_where_it_is_exact_and_saves_work():
