@@ -25,23 +25,32 @@ def shared_data():
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory):
-    """A small prepared data directory (first documents of the shipped demo corpus, vocab 512)."""
+def demo_texts(n: int, chars: int) -> list[str]:
+    """The first ``n`` documents of the shipped demo corpus, each cut to ``chars`` characters."""
     import gzip
     import json
 
     from ettin.data import demo_corpus_path
+
+    texts = []
+    with gzip.open(demo_corpus_path(), "rt", encoding="utf-8") as fh:
+        for line in fh:
+            texts.append(json.loads(line)["text"][:chars])
+            if len(texts) == n:
+                break
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A small prepared data directory (first documents of the shipped demo corpus, vocab 512)."""
+    import json
+
     from ettin.data.prepare import prepare
     from ettin.data.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("tiny_data")
-    texts = []
-    with gzip.open(demo_corpus_path(), "rt", encoding="utf-8") as fh:
-        for line in fh:
-            texts.append(json.loads(line)["text"][:4000])
-            if len(texts) == 60:
-                break
+    texts = demo_texts(60, 4000)
     corpus = root / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     train_tokenizer(iter(texts), root / "tok", 512)

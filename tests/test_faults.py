@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import write_recipe
 from safetensors.torch import load_file, save_file
 
-from conftest import write_recipe
 from ettin import cli
 from ettin.errors import EttinError
 from ettin.train.trainer import RunDir, train
@@ -118,13 +118,14 @@ def _bad_token_data(w: World) -> Path:
     return _copy_data_with_manifest(w, "data-badid", edit)
 
 
-def _nan_copy(src: Path, dst: Path) -> Path:
+def _nan_copy(src: Path, dst: Path, value: float = float("nan")) -> Path:
+    """A copy of the model directory ``src`` whose first weight holds ``value`` (NaN or Inf)."""
     shutil.copytree(src, dst)
     f = dst / "model.safetensors"
     st = load_file(str(f))
     k = sorted(st)[0]
     st[k] = st[k].clone()
-    st[k].view(-1)[0] = float("nan")
+    st[k].view(-1)[0] = value
     save_file(st, str(f), metadata={"format": "pt"})
     return dst
 
@@ -184,13 +185,7 @@ def hf_with(w: World, name: str, **changes) -> Path:
 def hf_nan(w: World) -> Path:
     d = w.p("hf-nan")
     if not d.exists():
-        shutil.copytree(w.hf, d)
-        f = d / "model.safetensors"
-        st = load_file(str(f))
-        k = sorted(st)[0]
-        st[k] = st[k].clone()
-        st[k].view(-1)[0] = float("inf")
-        save_file(st, str(f), metadata={"format": "pt"})
+        _nan_copy(w.hf, d, float("inf"))
     return d
 
 

@@ -1,22 +1,27 @@
 """`ettin study`: bootstrap statistics, the unit plan and its fingerprints, resume after a kill,
 reruns of only what a changed recipe value touches, the JSON and report it writes."""
 
-import gzip
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import numpy as np
 import pytest
+from conftest import demo_texts
 
 from ettin.errors import EttinError
 from ettin.study import stats
-from ettin.study.plan import PRESETS, build_plan, make_config, measured_stages, predicted_checkpoints
+from ettin.study.plan import (
+    PRESETS,
+    build_plan,
+    make_config,
+    measured_stages,
+    predicted_checkpoints,
+)
 
 
 # -- bootstrap ------------------------------------------------------------------------------------------
@@ -136,18 +141,11 @@ def test_task_intervals_flags_a_mismatch():
 @pytest.fixture
 def study_data(tmp_path, data):
     """The tiny evaluation data plus a small pretraining corpus in pretrain/ (symlinked tasks)."""
-    from ettin.data import demo_corpus_path
-
     root = tmp_path / "studydata"
     root.mkdir()
     for name in os.listdir(data):
         os.symlink(data / name, root / name)
-    texts = []
-    with gzip.open(demo_corpus_path(), "rt", encoding="utf-8") as fh:
-        for line in fh:
-            texts.append(json.loads(line)["text"][:3000])
-            if len(texts) == 40:
-                break
+    texts = demo_texts(40, 3000)
     (root / "pretrain").mkdir()
     (root / "pretrain" / "demo-00000.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     return root

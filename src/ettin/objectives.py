@@ -153,8 +153,8 @@ def loss(model, inputs: torch.Tensor, labels: torch.Tensor, *, doc_ids=None, att
 def _chunk_rows(vocab: int, device: torch.device) -> int:
     """Rows per chunk, a power of two >= 16.
 
-    CPU: up to 2**25 logits (128 MB in fp32) per chunk, in one buffer reused by every chunk of
-    the call. Thin chunks re-read the whole [V, H] weight for few rows: 64 rows of 50,368 cost
+    CPU: up to 2**25 logits (128 MB in fp32) per chunk, in one buffer kept between calls
+    (:func:`_logits_buffer`). Thin chunks re-read the whole [V, H] weight for few rows: 64 rows of 50,368 cost
     the head 15-20% more than 512 with MKL or oneDNN alike. GPU: up to 2**26 logits (the chunk
     only has to keep the full [N, V] from existing).
     """

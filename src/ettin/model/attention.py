@@ -182,7 +182,7 @@ class SpanPlan:
 
     def __init__(self, doc_ids: torch.Tensor, B: int, L: int, device, *, causal: bool, window: tuple[int, int] | None,
                  block: int, grain: int):
-        self.B, self.L, self.block = B, L, block
+        self.block = block
         nb = -(-L // block)
         self.nb, self.Lq = nb, nb * block
         pos = torch.arange(L, device=device)
@@ -205,16 +205,17 @@ class SpanPlan:
         width = ((hi_b - lo_b + 1 + grain - 1) // grain) * grain
         width = width.clamp(max=-(-L // grain) * grain)
         self.work = int(width.sum()) * block  # query-key pairs computed
-        self.Lk = L + int(width.max())  # key positions a span may reach (past L: masked out)
+        Lk = L + int(width.max())  # key positions a span may reach (past L: masked out)
         lo_b = torch.minimum(lo_b, torch.full_like(lo_b, L))
         widths = width.flatten()
         order = torch.argsort(widths, stable=True)
         self.order = order  # query blocks grouped by width
         self.inverse = torch.argsort(order)
         ws, counts = torch.unique_consecutive(widths[order], return_counts=True)
-        self.groups = []
+        self.groups = []  # (blocks n, span width w, mask [n, 1, block, w]) per width
+        kidx = []  # every group's keys, flat indices into [B * L]: one gather for all
         qd = F.pad(doc_ids, (0, pad), value=-3).view(B * nb, block)  # query docs per block
-        kd_all = F.pad(doc_ids, (0, self.Lk - L), value=-2)  # key docs, padded slots match nothing
+        kd_all = F.pad(doc_ids, (0, Lk - L), value=-2)  # key docs, padded slots match nothing
         qpos = (torch.arange(nb, device=device)[:, None] * block + torch.arange(block, device=device)[None, :])  # [nb, block]
         first = 0
         for w, n in zip(ws.tolist(), counts.tolist()):
@@ -222,7 +223,7 @@ class SpanPlan:
             first += n
             b, i = blocks // nb, blocks % nb
             kpos = lo_b.flatten()[blocks][:, None] + torch.arange(w, device=device)[None, :]  # [n, w]
-            kidx = b[:, None] * L + kpos.clamp(max=L - 1)  # past the end: any key (masked out below)
+            kidx.append((b[:, None] * L + kpos.clamp(max=L - 1)).flatten())  # past the end: any key (masked out below)
             qp = qpos[i]  # [n, block]
             ok = qd[blocks][:, :, None] == kd_all[b[:, None], kpos][:, None, :]
             d = kpos[:, None, :] - qp[:, :, None]
@@ -232,16 +233,16 @@ class SpanPlan:
                 ok &= (d >= -window[0]) & (d <= window[1])
             beyond = (qp >= L)[:, :, None] & (torch.arange(w, device=device) == 0)[None, None, :]
             ok = ok | beyond
-            self.groups.append((n, w, kidx.flatten(), ok[:, None]))
-        self.kidx = torch.cat([g[2] for g in self.groups])  # every group's keys: one gather for all
-        self.sizes = [n * w for n, w, _, _ in self.groups]
+            self.groups.append((n, w, ok[:, None]))
+        self.kidx = torch.cat(kidx)
+        self.sizes = [n * w for n, w, _ in self.groups]
         self._masks: dict = {}
 
     def masks(self, dtype: torch.dtype) -> list[torch.Tensor]:
         m = self._masks.get(dtype)
         if m is None:
             m = []
-            for _, _, _, ok in self.groups:
+            for _, _, ok in self.groups:
                 t = torch.zeros(ok.shape, dtype=dtype, device=ok.device)
                 t.masked_fill_(~ok, float("-inf"))
                 m.append(t)
@@ -259,7 +260,7 @@ class SpanPlan:
         kg = k.transpose(1, 2).reshape(B * L, h, D).index_select(0, self.kidx).split(self.sizes)
         vg = v.transpose(1, 2).reshape(B * L, h, D).index_select(0, self.kidx).split(self.sizes)
         outs, first = [], 0
-        for (n, w, _, _), kk, vv, mask in zip(self.groups, kg, vg, self.masks(q.dtype)):
+        for (n, w, _), kk, vv, mask in zip(self.groups, kg, vg, self.masks(q.dtype)):
             qq = qb[first:first + n].transpose(1, 2)  # [n, h, block, D]
             first += n
             kk, vv = (t.view(n, w, h, D).transpose(1, 2) for t in (kk, vv))
