@@ -24,6 +24,9 @@ def machine(device: str = "cpu", kernels: bool = True) -> dict:
         "threads": torch.get_num_threads(),
         # bench/as_intel_mkl.sh: MKL's Intel kernels forced on (an AMD CPU measured as an Intel one would run MKL)
         "mkl_intel_paths_forced": "mkl-intel-path" in os.environ.get("LD_PRELOAD", ""),
+        # glibc malloc settings from the environment, e.g. glibc.malloc.mmap_max=0 (no mmap'd, so no
+        # page-faulted, large blocks): they move transformers' speed by up to a third (bench/README.md)
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES") or None,
     }
     if str(device).startswith("cuda") and torch.cuda.is_available():
         rec["gpu"] = torch.cuda.get_device_name()

@@ -253,6 +253,31 @@ def test_banded_attention_equals_full_mask(causal, L, with_docs, block):
     _same_as_full_mask(plan.attend, docs, B, L, h, D, causal=causal, window=window)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [None, (16, 16)])
+def test_full_mask_made_additive_once_equals_boolean_mask(causal, window):
+    """FullMask (the global layers' full-mask path) == SDPA given the boolean mask, output and
+    gradients; the additive mask is made once per dtype and reused by later calls."""
+    torch.manual_seed(3)
+    B, L, h, D = 2, 96, 2, 8
+    d = torch.zeros(B, L, dtype=torch.long)
+    d[0, 40:] = 1
+    am = torch.ones(B, L, dtype=torch.long)
+    am[1, 70:] = 0
+    docs = A.fold_padding(d, am, (B, L), "cpu")
+    full = A.FullMask(A.sdpa_mask(docs, L, "cpu", causal=causal, window=window), causal=causal)
+    for _ in range(2):  # the second call reads the cached mask
+        _same_as_full_mask(full.attend, docs, B, L, h, D, causal=causal, window=window)
+    assert list(full._masks) == [torch.float32]
+    m = full._masks[torch.float32]
+    assert bool((m == 0).eq(full.allowed).all()) and bool(torch.isneginf(m[~full.allowed.expand_as(m)]).all())
+    q = torch.randn(B, h, L, D, dtype=torch.bfloat16)
+    ref = F.scaled_dot_product_attention(q, q, q, attn_mask=full.allowed)
+    assert close(full.attend(q, q, q).float(), ref.float(), tol=2e-2)
+    assert set(full._masks) == {torch.float32, torch.bfloat16}
+    assert A.FullMask(None, causal=causal).attend(q, q, q).equal(F.scaled_dot_product_attention(q, q, q, is_causal=causal))
+
+
 def _packed_docs(B: int, L: int, seed: int, pad: int = 0) -> torch.Tensor:
     """Packed rows of documents 5 to 200 tokens long; ``pad`` right-padding positions in row 0."""
     g = torch.Generator().manual_seed(seed)

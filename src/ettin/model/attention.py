@@ -69,33 +69,68 @@ def sdpa(q, k, v, mask: torch.Tensor | None, *, causal: bool) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-class _Bands(torch.autograd.Function):
-    """[B, L, h, D] -> [B * nb, Kb, h, D]: each query block's band of keys (or values), copied.
+def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as SDPA's additive one (0 where allowed, -inf elsewhere).
 
-    The backward adds each band's gradient back with ceil(Kb / block) strided adds into one
-    [B, L, h, D]-sized buffer. (Through ``unfold`` the backward zero-fills a [B * nb, Kb, h, D]
-    buffer and scatters into it: 35 ms of a 17m encoder step on 2 cores, against ~5 ms.)
+    SDPA's CPU kernels turn a boolean mask into this on every call, forward and backward; a
+    mask shared by several layers is converted once (8 x 512 x 512: ~10 ms per call saved on
+    2 cores, ``bench/README.md``).
+    """
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+class FullMask:
+    """Attention over all L keys under :func:`sdpa_mask`'s mask, made additive once per dtype."""
+
+    def __init__(self, allowed: torch.Tensor | None, *, causal: bool):
+        self.allowed, self.causal = allowed, causal
+        self._masks: dict = {}
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.allowed is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        m = self._masks.get(q.dtype)
+        if m is None:
+            m = self._masks[q.dtype] = additive(self.allowed, q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+
+class _Bands(torch.autograd.Function):
+    """[B, L, h, D] -> [B * nb, Kb, h, D]: each query block's band of keys (or values) as a view.
+
+    The rows are laid end to end in one zero-gapped buffer (``left`` zeros, each row padded to
+    ``nb * block``, ``right`` zeros), so band n starts at flat position ``n * block`` and all
+    bands are one overlapping strided view: one copy of x instead of ``Kb / block`` copies (a
+    band that reaches into a neighbouring row only meets keys the mask excludes; the gaps are
+    zeros, so masked values stay finite). The backward adds each band's gradient back with
+    ceil(Kb / block) strided adds into one buffer (through ``unfold``, the backward zero-fills
+    a [B * nb, Kb, h, D] buffer and scatters into it: 35 ms of a 17m encoder step on 2 cores).
     """
 
     @staticmethod
     def forward(ctx, x, left: int, right: int, block: int, nb: int):
         B, L, h, D = x.shape
-        Kb = block + left + right
-        xp = F.pad(x, (0, 0, 0, 0, left, nb * block - L + right))  # [B, nb * block + Kb - block, h, D]
+        Lq, Kb, N = nb * block, block + left + right, B * nb
+        flat = x.new_empty((left + B * Lq + right, h, D))
+        flat[:left].zero_()
+        flat[left + B * Lq:].zero_()
+        rows = flat[left:left + B * Lq].view(B, Lq, h, D)
+        rows[:, :L].copy_(x)
+        rows[:, L:].zero_()
         ctx.dims = (B, L, h, D, left, block, nb, Kb)
-        return xp.unfold(1, Kb, block).permute(0, 1, 4, 2, 3).reshape(B * nb, Kb, h, D)
+        return flat.as_strided((N, Kb, h, D), (block * h * D, h * D, D, 1))
 
     @staticmethod
     def backward(ctx, g):
         B, L, h, D, left, block, nb, Kb = ctx.dims
-        g = g.view(B, nb, Kb, h, D)
+        N = B * nb
         parts = -(-Kb // block)
-        dxp = torch.zeros((B, (nb + parts) * block, h, D), dtype=g.dtype, device=g.device)
-        for i in range(parts):  # band j's keys o .. o + w - 1 sit at padded positions j * block + o ..
+        flat = torch.zeros(((N + parts) * block, h, D), dtype=g.dtype, device=g.device)
+        for i in range(parts):  # band n's key o + t sits at flat position n * block + o + t
             o = i * block
             w = min(block, Kb - o)
-            dxp[:, o:o + nb * block].view(B, nb, block, h, D)[:, :, :w] += g[:, :, o:o + w]
-        return dxp[:, left:left + L], None, None, None, None
+            flat[o:o + N * block].view(N, block, h, D)[:, :w] += g[:, o:o + w]
+        return flat[left:left + N * block].view(B, nb * block, h, D)[:, :L], None, None, None, None
 
 
 class BandPlan:
@@ -137,9 +172,7 @@ class BandPlan:
     def mask(self, dtype: torch.dtype) -> torch.Tensor:
         m = self._masks.get(dtype)
         if m is None:
-            m = torch.zeros(self.allowed.shape, dtype=dtype, device=self.allowed.device)
-            m.masked_fill_(~self.allowed, float("-inf"))
-            self._masks[dtype] = m
+            m = self._masks[dtype] = additive(self.allowed, dtype)
         return m
 
     def _bands(self, x: torch.Tensor) -> torch.Tensor:
@@ -241,12 +274,7 @@ class SpanPlan:
     def masks(self, dtype: torch.dtype) -> list[torch.Tensor]:
         m = self._masks.get(dtype)
         if m is None:
-            m = []
-            for _, _, ok in self.groups:
-                t = torch.zeros(ok.shape, dtype=dtype, device=ok.device)
-                t.masked_fill_(~ok, float("-inf"))
-                m.append(t)
-            self._masks[dtype] = m
+            m = self._masks[dtype] = [additive(ok, dtype) for _, _, ok in self.groups]
         return m
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

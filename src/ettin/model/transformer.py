@@ -194,18 +194,13 @@ class Transformer(nn.Module):
             bm_l = A.flex_block_mask(docs, B, L, dev, causal=causal, window=window) if need_local else None
             return (lambda q, k, v: A.flex(q, k, v, bm_g)), (lambda q, k, v: A.flex(q, k, v, bm_l))
         span = A.span_plan(docs, B, L, dev, causal=causal, block=self.span_block) if self.span_block else None
-        if span is not None:
-            attend_g = span.attend
-        else:
-            m_g = A.sdpa_mask(docs, L, dev, causal=causal, window=None)
-            attend_g = lambda q, k, v: A.sdpa(q, k, v, m_g, causal=causal)  # noqa: E731
+        attend_g = span.attend if span is not None else A.FullMask(A.sdpa_mask(docs, L, dev, causal=causal, window=None), causal=causal).attend
         if not need_local:
             return attend_g, None
         band = A.band_plan(docs, B, L, dev, causal=causal, window=window, block=self.band_block)
         if band is not None:
             return attend_g, band.attend
-        m_l = A.sdpa_mask(docs, L, dev, causal=causal, window=window)
-        return attend_g, (lambda q, k, v: A.sdpa(q, k, v, m_l, causal=causal))
+        return attend_g, A.FullMask(A.sdpa_mask(docs, L, dev, causal=causal, window=window), causal=causal).attend
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Prediction head and tied output projection: hidden -> vocabulary logits."""
