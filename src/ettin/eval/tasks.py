@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ettin.errors import EttinError
-from ettin.eval import glue, lm, mc, qa, retrieval, winogender
+from ettin.eval import glue, lm, mc, qa, retrieval
 
 FAMILIES = {
     "mc": ("ettin.eval.mc", ("mc",)),
