@@ -1,4 +1,4 @@
-"""Encoder inference (mean-pooled embeddings) on variable-length inputs: ours vs transformers' ModernBERT.
+"""Encoder inference (pooled embeddings) on variable-length inputs: ours vs transformers' ModernBERT.
 
 The inputs are a small corpus of ``--batch x --batches`` sequences, lengths drawn uniformly
 between ``--min-len`` and ``--max-len`` with a fixed seed (``--full``: all ``--max-len``), random
@@ -13,8 +13,10 @@ sorting and packing are decisions over the corpus, not over one batch:
   weights, sorted by length, padded batches of ``--batch`` with ``attention_mask``, mean over
   the real tokens (what users do; sentence-transformers' mean pooling).
 
-``tokens_per_s`` counts real (non-pad) tokens; ``padded_tokens_per_s`` counts what the forward
-passes processed, pads included; ``pad_share`` is the pad part of it. Host work (packing,
+``--pooling cls|last`` pools one position per sequence instead: ours then runs the last block
+at those positions only (``Transformer.encode`` with ``keep``), transformers takes that row of
+its full output. ``tokens_per_s`` counts real (non-pad) tokens; ``padded_tokens_per_s`` counts
+what the forward passes processed, pads included; ``pad_share`` is the pad part of it. Host work (packing,
 sorting, building tensors) is inside the timing. fp32 on a CPU, the implementations' passes
 interleaved (alternating who goes first) after a warmup pass, median pass time; bf16 autocast
 on a GPU, each implementation alone (its own weights on the device, clean ``peak_memory_gib``).
@@ -77,8 +79,9 @@ def make_models(size: str, seed: int = 0):
     return ours, theirs
 
 
-def theirs_pass(model, seqs: list[list[int]], batch: int, pad_id: int, dev: torch.device) -> torch.Tensor:
-    """transformers as users run it: sort by length, pad per batch, attention_mask, masked mean."""
+def theirs_pass(model, seqs: list[list[int]], batch: int, pad_id: int, dev: torch.device, pooling: str = "mean") -> torch.Tensor:
+    """transformers as users run it: sort by length, pad per batch, attention_mask, masked mean
+    (or the first / last real token's state)."""
     out = torch.zeros(len(seqs), model.config.hidden_size, device=dev)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     with torch.inference_mode():
@@ -92,8 +95,14 @@ def theirs_pass(model, seqs: list[list[int]], batch: int, pad_id: int, dev: torc
                 am[j, : len(seqs[i])] = 1
             x, am = x.to(dev), am.to(dev)
             h = model(input_ids=x, attention_mask=am).last_hidden_state.float()
-            m = am[..., None].float()
-            out[torch.as_tensor(idx, device=dev)] = (h * m).sum(1) / m.sum(1)
+            rows = torch.as_tensor(idx, device=dev)
+            if pooling == "cls":
+                out[rows] = h[:, 0]
+            elif pooling == "last":
+                out[rows] = h[torch.arange(len(idx), device=dev), am.sum(1) - 1]
+            else:
+                m = am[..., None].float()
+                out[rows] = (h * m).sum(1) / m.sum(1)
     return out
 
 
@@ -128,11 +137,11 @@ def run(a) -> list[dict]:
     auto = P.choose_strategy(ours, dev, "auto", longest=max(map(len, seqs)))
 
     def ours_fn(strategy):
-        return lambda: P.pooled(ours, seqs, pad_id=cfg.pad_id, pooling="mean", strategy=strategy, row_len=a.max_len,
+        return lambda: P.pooled(ours, seqs, pad_id=cfg.pad_id, pooling=a.pooling, strategy=strategy, row_len=a.max_len,
                                 token_budget=a.batch * a.max_len, max_rows=a.batch)
 
     fns = {f"ettin/{s}": ours_fn(s) for s in strategies}
-    fns["transformers/padded"] = lambda: theirs_pass(theirs, seqs, a.batch, cfg.pad_id, dev)
+    fns["transformers/padded"] = lambda: theirs_pass(theirs, seqs, a.batch, cfg.pad_id, dev, a.pooling)
     if dev.type == "cpu" and a.precision in ("bf16", "both"):
         from ettin.model.cpu import check_precision
 
@@ -181,7 +190,7 @@ def run(a) -> list[dict]:
     import transformers
 
     base = {
-        "kind": "encoder", "size": a.size, "device": a.device, "batch": a.batch, "seq_len": a.max_len,
+        "kind": "encoder", "size": a.size, "device": a.device, "pooling": a.pooling, "batch": a.batch, "seq_len": a.max_len,
         "min_len": None if a.full else a.min_len, "lengths": "full" if a.full else "uniform", "n_seqs": len(seqs),
         "real_tokens": real, "rounds": a.rounds,
         "transformers": transformers.__version__, **machine(a.device),
@@ -214,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, default=4, help="corpus size in batches: batch x batches sequences")
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--min-len", type=int, default=16)
+    p.add_argument("--pooling", default="mean", choices=["mean", "cls", "last"],
+                   help="mean over the real tokens; cls / last: one position per sequence (ours: the last block runs there only)")
     p.add_argument("--full", action="store_true", help="every sequence max-len long (no padding anywhere)")
     p.add_argument("--strategy", default="both", choices=["both", "auto", "packed", "padded"],
                    help="ours; 'both' times packed and padded")

@@ -93,6 +93,32 @@ def test_packed_equals_padded(causal):
     assert m.training is True  # the mode is restored
 
 
+@pytest.mark.parametrize("strategy", ["packed", "padded"])
+def test_cls_and_last_pooling_run_the_last_block_at_the_pooled_rows_only(strategy, monkeypatch):
+    """cls / last pooling reads one position per sequence: the last block computes only those
+    (Block.forward_at), and the vectors equal the whole forward's (test_packed_equals_padded)."""
+    from ettin.model.transformer import Block
+
+    m = tiny(True)
+    seqs = random_seqs(9, 2, 120, seed=6)
+    kept = []
+    orig = Block.forward_at
+
+    def spy(self, x, rope, keep, attend_rows):
+        kept.append(int(keep.sum()))
+        return orig(self, x, rope, keep, attend_rows)
+
+    monkeypatch.setattr(Block, "forward_at", spy)
+    for pooling in ("cls", "last"):
+        kept.clear()
+        got = P.pooled(m, seqs, pad_id=PAD, pooling=pooling, strategy=strategy, row_len=256, token_budget=512)
+        assert sum(kept) == len(seqs) and len(kept) >= 2  # every sequence once, over several passes
+        assert (got - alone(m, seqs, pooling)).abs().max() <= 1e-5
+    kept.clear()
+    P.pooled(m, seqs, pad_id=PAD, pooling="mean", strategy=strategy, row_len=256, token_budget=512)
+    assert kept == []  # mean pooling reads every position: the whole last block
+
+
 def test_auto_strategy_and_normalize():
     m = tiny(False)
     assert P.choose_strategy(m, "cpu") == "padded"  # SDPA on a CPU, long or unknown lengths: full L x L per row

@@ -207,8 +207,14 @@ def pooled(
                 _run_packed(model, seqs, out, pad_id, pooling, row_len, token_budget, max_rows, dev)
             else:
                 for idx, x, am, lengths in pad_batches(seqs, token_budget, pad_id=pad_id, max_rows=max_rows):
-                    h = model.encode(x.to(dev), attention_mask=am.to(dev) if am is not None else None)
-                    out[torch.as_tensor(idx, device=dev)] = pool_padded(h.float(), lengths.to(dev), pooling)
+                    x, am, lengths = x.to(dev), am.to(dev) if am is not None else None, lengths.to(dev)
+                    rows = torch.as_tensor(idx, device=dev)
+                    if pooling == "mean":
+                        out[rows] = pool_padded(model.encode(x, attention_mask=am).float(), lengths, pooling)
+                    else:  # one position per row: the last block runs there only
+                        keep = torch.zeros(x.shape, dtype=torch.bool, device=dev)
+                        keep[torch.arange(len(idx), device=dev), 0 if pooling == "cls" else lengths - 1] = True
+                        out[rows] = model.encode(x, attention_mask=am, keep=keep).float()
     finally:
         model.train(was_training)
     return F.normalize(out, dim=-1) if normalize else out
@@ -230,12 +236,16 @@ def _run_packed(model, seqs, out, pad_id, pooling, row_len, token_budget, max_ro
     for r0 in range(0, R, per):
         r1 = min(R, r0 + per)
         ids, docs = p.input_ids[r0:r1].to(dev), p.doc_ids[r0:r1].to(dev)
-        h = model.encode(ids, doc_ids=docs).flatten(0, 1).float()  # [(r1 - r0) * L, H]
         if pooling == "mean":
+            h = model.encode(ids, doc_ids=docs).flatten(0, 1).float()  # [(r1 - r0) * L, H]
             seg = docs.flatten()
             acc.index_add_(0, torch.where(seg == PAD_DOC, torch.full_like(seg, N), seg), h)
-        else:
-            mine = (spans[:, 0] >= r0) & (spans[:, 0] < r1)
-            out[mine] = h[(first if pooling == "cls" else last)[mine] - r0 * L]
+        else:  # the last block runs at each sequence's pooled position only
+            mine = ((spans[:, 0] >= r0) & (spans[:, 0] < r1)).nonzero().squeeze(1)
+            at = (first if pooling == "cls" else last)[mine] - r0 * L  # flat positions in this chunk, distinct
+            keep = torch.zeros((r1 - r0) * L, dtype=torch.bool, device=dev)
+            keep[at] = True
+            h = model.encode(ids, doc_ids=docs, keep=keep.view(r1 - r0, L)).float()  # [len(mine), H], by flat position
+            out[mine[torch.argsort(at)]] = h
     if pooling == "mean":
         out.copy_(acc[:N] / spans[:, 2, None].float())
