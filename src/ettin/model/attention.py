@@ -64,6 +64,8 @@ def sdpa_mask(doc_ids: torch.Tensor | None, L: int, device, *, causal: bool, win
 
 
 def sdpa(q, k, v, mask: torch.Tensor | None, *, causal: bool) -> torch.Tensor:
+    """The plain computation: SDPA under :func:`sdpa_mask`'s boolean mask (what every faster path
+    here is tested against)."""
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
