@@ -194,7 +194,10 @@ class Transformer(nn.Module):
             bm_l = A.flex_block_mask(docs, B, L, dev, causal=causal, window=window) if need_local else None
             return (lambda q, k, v: A.flex(q, k, v, bm_g)), (lambda q, k, v: A.flex(q, k, v, bm_l))
         span = A.span_plan(docs, B, L, dev, causal=causal, block=self.span_block) if self.span_block else None
-        attend_g = span.attend if span is not None else A.FullMask(A.sdpa_mask(docs, L, dev, causal=causal, window=None), causal=causal).attend
+        if span is not None:
+            attend_g = span.attend
+        else:
+            attend_g = A.FullMask(A.sdpa_mask(docs, L, dev, causal=causal, window=None), causal=causal).attend
         if not need_local:
             return attend_g, None
         band = A.band_plan(docs, B, L, dev, causal=causal, window=window, block=self.band_block)
