@@ -179,10 +179,15 @@ def test_onednn_linear_matches_f_linear():
             assert close(a, c)
 
 
-def test_rope_and_geglu_functions_match_plain_ops():
+@pytest.mark.parametrize("tile,per_row", [(None, True), (4, True), (4, False), (20, True), (20, False)])
+def test_rope_and_geglu_functions_match_plain_ops(tile, per_row, monkeypatch):
+    """``tile``: positions per rotation step (4: pieces of one row; 20: two rows at a time, then
+    the odd one); ``per_row``: a cos/sin per row (documents) or one shared by all rows."""
+    if tile is not None:
+        monkeypatch.setattr(K, "ROPE_CHUNK", tile)
     torch.manual_seed(0)
-    B, L, h, D = 2, 9, 3, 8
-    pos = torch.arange(L).expand(B, L)
+    B, L, h, D = 3, 9, 3, 8
+    pos = (torch.arange(L) + 4 * torch.arange(B)[:, None]) % 7 if per_row else torch.arange(L)[None]  # rows differ
     cos, sin = T.Rotary(D, 500.0).cos_sin(pos, torch.float32)
     qkv = torch.randn(B, L, 3, h, D, requires_grad=True)
     got = T._RopeQKV.apply(qkv, cos, sin)

@@ -20,17 +20,35 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
+ROPE_CHUNK = 2048  # tokens per rotation step: the chunk's x and out stay in cache across its three ops
+
+
+def _spans(B: int, L: int, tokens: int):
+    """(b0, b1, l0, l1) tiles of a [B, L] grid, about ``tokens`` positions each: whole rows
+    together when rows are short, pieces of one row when they are long."""
+    if L >= tokens:
+        return [(b, b + 1, l0, min(L, l0 + tokens)) for b in range(B) for l0 in range(0, L, tokens)]
+    rows = max(1, tokens // max(L, 1))
+    return [(b0, min(B, b0 + rows), 0, L) for b0 in range(0, B, rows)]
+
+
 def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int = 1) -> None:
-    """``out = x * cos + sign * roll(x, D/2) * sin`` without a rolled copy of x.
+    """``out = x * cos + sign * roll(x, D/2) * sin`` without a rolled copy of x; x, out [B, L, ..., D].
 
     roll by D/2 swaps the halves: one multiply over whole rows, then one fused multiply-add per
     half, reading the other half of ``x``. The same operations, element by element, as the
-    rolled expression, with fewer passes over memory (measured: 32 x 512 rows, 15.7 -> 8.2 ms).
+    rolled expression. Done in tiles of ~``ROPE_CHUNK`` positions, so the two multiply-adds
+    re-read ``x`` and ``out`` from cache rather than memory (whole-tensor passes: 32 x 512 rows
+    of q and k, 22 -> 16 ms).
     """
     half = x.shape[-1] // 2
-    torch.mul(x, cos, out=out)
-    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=sign)
-    out[..., half:].addcmul_(x[..., :half], sin[..., half:], value=sign)
+    for b0, b1, l0, l1 in _spans(x.shape[0], x.shape[1], ROPE_CHUNK):
+        c = (cos if cos.shape[0] == 1 else cos[b0:b1])[:, l0:l1]
+        s = (sin if sin.shape[0] == 1 else sin[b0:b1])[:, l0:l1]
+        o, xx = out[b0:b1, l0:l1], x[b0:b1, l0:l1]
+        torch.mul(xx, c, out=o)
+        o[..., :half].addcmul_(xx[..., half:], s[..., :half], value=sign)
+        o[..., half:].addcmul_(xx[..., :half], s[..., half:], value=sign)
 
 
 class _RopeQKV(torch.autograd.Function):
@@ -59,21 +77,28 @@ class _RopeQKV(torch.autograd.Function):
 
 
 class _RopeSplit(torch.autograd.Function):
-    """[B, L, 3, heads, D] projections -> rotated q, rotated k, v as [B, heads, L, D] views of one
-    buffer. The backward takes the three gradients as attention returns them and writes the
-    input gradient in one buffer: no stacking of dq, dk, dv first (one full copy less per layer
-    than ``_RopeQKV`` followed by ``unbind``)."""
+    """[B, L, 3, heads, D] projections -> rotated q, rotated k, v, each [B, heads, L, D].
+
+    q and k are written into a buffer of their own each; v is returned as a view of the
+    projections (no copy). The backward takes the three gradients as attention returns them and
+    writes the input gradient in one buffer: no stacking of dq, dk, dv first.
+    """
 
     @staticmethod
     def forward(ctx, qkv, cos, sin):
-        out = _RopeQKV.forward(ctx, qkv, cos, sin)  # saves cos and sin
+        B, L, _, h, D = qkv.shape
+        q, k = (torch.empty((B, L, h, D), dtype=qkv.dtype, device=qkv.device) for _ in range(2))
+        _rotate_into(q, qkv[:, :, 0], cos[:, :, 0], sin[:, :, 0])
+        _rotate_into(k, qkv[:, :, 1], cos[:, :, 0], sin[:, :, 0])
+        ctx.save_for_backward(cos, sin)
         ctx.shape = qkv.shape
-        return tuple(t.transpose(1, 2) for t in out.unbind(2))
+        return q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
         cos, sin = ctx.saved_tensors
-        dx = torch.empty(ctx.shape, dtype=cos.dtype if dq is None else dq.dtype, device=cos.device)
+        dtype = next((g.dtype for g in (dq, dk, dv) if g is not None), cos.dtype)
+        dx = torch.empty(ctx.shape, dtype=dtype, device=cos.device)
         c, s = cos[:, :, 0], sin[:, :, 0]  # [B or 1, L, 1, D]
         for i, g in enumerate((dq, dk)):
             dst = dx[:, :, i]
