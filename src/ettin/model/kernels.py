@@ -141,7 +141,10 @@ class _GeGLU(torch.autograd.Function):
 
 def geglu(x: torch.Tensor) -> torch.Tensor:
     """GeGLU on the Wi output ``[a | gate]``: gelu(a) * gate (exact erf GELU, as transformers)."""
-    if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
-        return _GeGLU.apply(x)
+    if torch.is_grad_enabled() and x.requires_grad:
+        if not torch.compiler.is_compiling():
+            return _GeGLU.apply(x)
+        a, gate = x.chunk(2, dim=-1)
+        return F.gelu(a) * gate
     a, gate = x.chunk(2, dim=-1)
-    return F.gelu(a) * gate
+    return F.gelu(a).mul_(gate)  # no gradient: the product goes into gelu's output (one [.., I] buffer less)
