@@ -65,6 +65,37 @@ def test_metrics_checkpoints_and_batch_inspector(tiny_data, tmp_path):
     assert ids.shape == (8, 32)
 
 
+@pytest.mark.parametrize("clip", [None, 1e-3], ids=["no-clip", "clip"])
+def test_grad_norm_is_logged_and_gradients_are_clipped_only_when_asked(tiny_data, tmp_path, monkeypatch, clip):
+    """The logged grad_norm is the norm before clipping; the optimizer sees the gradients unchanged
+    without optim.grad_clip (the paper's recipe) and scaled to the bound with it."""
+    from ettin.train import trainer as TR
+
+    at_step = []  # the gradients' norm when the optimizer steps
+
+    def norm(opt):
+        return torch.linalg.vector_norm(torch.stack([p.grad.norm() for g in opt.param_groups for p in g["params"] if p.grad is not None]))
+
+    orig = TR.Learner.step
+
+    def step(self, plan, ids, docs):
+        if not getattr(self, "_spied", False):
+            self._spied = True
+            self.optim.register_step_pre_hook(lambda opt, args, kwargs: at_step.append(float(norm(opt))))
+        return orig(self, plan, ids, docs)
+
+    monkeypatch.setattr(TR.Learner, "step", step)
+    over = {"train.tokens": 3 * 8 * 32, **({"optim.grad_clip": clip} if clip else {})}
+    train(write_recipe(tmp_path / "r.yaml", tiny_data, **over), tmp_path / "run", progress=False)
+    logged = [r["grad_norm"] for r in metrics(tmp_path / "run")]
+    assert len(logged) == len(at_step) == 3
+    for g, s in zip(logged, at_step):
+        if clip is None:
+            assert s == pytest.approx(g, rel=1e-5) and g > 1e-3
+        else:
+            assert g > 10 * clip and s == pytest.approx(clip, rel=1e-3)
+
+
 @pytest.mark.parametrize("dropout", [None, 0.1], ids=["no-dropout", "attn-out-dropout"])
 def test_kill_9_then_resume_is_bitwise_identical(tiny_data, tmp_path, dropout):
     over = {"train.tokens": 24 * 8 * 32}

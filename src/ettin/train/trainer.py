@@ -407,8 +407,11 @@ class Learner:
                     ce = self.wrapped(x, doc_ids=dm, labels=y)
                     (ce * scale).backward()
                 loss_sum += ce.detach()
-        clip = st.optim.grad_clip if st.optim.grad_clip is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), clip)
+        if st.optim.grad_clip is not None or not hasattr(torch.nn.utils, "get_total_norm"):  # (torch < 2.6)
+            clip = st.optim.grad_clip if st.optim.grad_clip is not None else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), clip)
+        else:  # no clipping (the paper's recipe): the norm for the log; clip_grad_norm_(inf) would still multiply every gradient by 1
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.wrapped.parameters() if p.grad is not None])
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         self.optim.step()
