@@ -66,6 +66,39 @@ def test_linear_cross_entropy_equals_full_logits(N, V, H, chunk, bias, reduction
         assert close(a, c)
 
 
+@pytest.mark.parametrize("one_exp", [True, False], ids=["softmax-cpu", "log-softmax-gpu"])
+def test_linear_cross_entropy_exact_for_improbable_targets(one_exp, monkeypatch):
+    """Targets with probability 0 in fp32 (loss ~200) or ~1e-26 (loss ~60): the softmax path gets
+    the first from logsumexp - logit, the second from -log p; both equal the full cross-entropy."""
+    orig = O._probs_and_nll
+    monkeypatch.setattr(O, "_probs_and_nll", lambda *a, **k: orig(*a, **{**k, "one_exp": one_exp}))
+    g = torch.Generator().manual_seed(0)
+    N, V, H = 40, 300, 16
+    h = torch.randn(N, H, generator=g, requires_grad=True)
+    w = (torch.randn(V, H, generator=g) * 0.3).requires_grad_()
+    b = torch.randn(V, generator=g)
+    b[7], b[8] = -200.0, -60.0
+    b.requires_grad_()
+    y = torch.randint(9, V, (N,), generator=g)
+    y[[1, 5, 9]] = 7
+    y[[2, 6]] = 8
+    y[3] = O.IGNORE
+    ref = F.cross_entropy(F.linear(h, w, b), y, reduction="sum")
+    got = O.linear_cross_entropy(h, w, b, y, chunk_rows=16)
+    assert torch.isfinite(got) and ref.item() > 3 * 200
+    assert close(got, ref)
+    for a, c in zip(torch.autograd.grad(got, (h, w, b)), torch.autograd.grad(ref, (h, w, b))):
+        assert close(a, c)
+    # row by row: each loss to 1e-4 (fp32 log-softmax itself is good to ~4e-6 at 60)
+    z = torch.randn(6, V, generator=g) * 3
+    z[:, 7] -= 200.0
+    z[:, 8] -= 60.0
+    t = torch.tensor([7, 8, 0, 5, 7, 8])
+    p, nll = orig(z.clone(), t[:, None], torch.ones(6, dtype=torch.bool), lambda rows: z[rows], one_exp=one_exp)
+    assert (nll - F.cross_entropy(z, t, reduction="none")).abs().max().item() <= 1e-4
+    assert close(p, torch.softmax(z, -1))
+
+
 def test_linear_cross_entropy_without_grad_and_all_ignored():
     h, w, b = torch.randn(10, 8), torch.randn(20, 8), torch.randn(20)
     y = torch.randint(0, 20, (10,))
