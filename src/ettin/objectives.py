@@ -168,7 +168,7 @@ def _chunk_rows(vocab: int, device: torch.device) -> int:
 _BUFFERS: dict = {}  # thread -> the fused head's fp32 logits buffer, kept between calls on a CPU
 
 
-def _logits_buffer(numel: int, device: torch.device) -> torch.Tensor:
+def _logits_buffer(numel: int, device: torch.device, name: str = "logits") -> torch.Tensor:
     """A flat fp32 buffer of at least ``numel`` elements for one chunk of logits.
 
     On a CPU it is kept between steps: a fresh 100 MB buffer is mmap'ed and page-faulted in on
@@ -177,7 +177,7 @@ def _logits_buffer(numel: int, device: torch.device) -> torch.Tensor:
     """
     if device.type != "cpu":
         return torch.empty(numel, device=device, dtype=torch.float32)
-    key = threading.get_ident()  # two threads computing heads at once must not share it
+    key = (threading.get_ident(), name)  # two threads computing heads at once must not share it
     buf = _BUFFERS.get(key)
     if buf is None or buf.numel() < numel:
         buf = torch.empty(numel, dtype=torch.float32)
@@ -253,12 +253,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # the plain (aten) fp32 path writes every chunk's products into buffers made once
             plain = fp32 and not use_onednn(h, w)
             buf = _logits_buffer(C * V, dev) if plain and N else None
+            wb = hb = None
+            if buf is not None and b is not None and dev.type == "cpu":
+                # the bias as one more column of the product, [h | 1] @ [W | b]^T: the logits are written
+                # once, instead of the bias copied into them and read back by addmm (a 410-row chunk of
+                # 50,368: 25.2 -> 22.0 ms); [W | b] is filled once per call, in a kept buffer
+                H = w.shape[1]
+                wb = _logits_buffer(V * (H + 1), dev, "weight|bias")[: V * (H + 1)].view(V, H + 1)
+                wb[:, :H].copy_(w)
+                wb[:, H].copy_(b)
+                hb = torch.cat((h, h.new_ones(N, 1)), 1)
             for s in range(0, N, C):
                 e = min(N, s + C)
                 hc, yc = h[s:e], targets[s:e]
                 if buf is not None:
                     logits = buf[: (e - s) * V].view(e - s, V)
-                    torch.addmm(b, hc, w.t(), out=logits) if b is not None else torch.mm(hc, w.t(), out=logits)
+                    torch.mm(hb[s:e], wb.t(), out=logits) if wb is not None else torch.mm(hc, w.t(), out=logits)
                 else:
                     logits = mm_nt(hc, w, b)
                 # softmax in place (fp32) and -log p(target): one [C, V] buffer per chunk
