@@ -453,6 +453,24 @@ def test_trainer_optimizer_matches_optimi_over_steps_and_resumes():
         assert torch.equal(p, q)
 
 
+def test_optimizer_step_hooks_run_once_per_step():
+    """Also after optimi's own class has been instantiated (torch then wraps its step as well)."""
+    from optimi import StableAdamW
+
+    from ettin.train.optim import build_optimizer
+    from ettin.train.recipe import OptimSection
+
+    StableAdamW(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    m = torch.nn.Linear(4, 3)
+    opt = build_optimizer(m, OptimSection(lr=0.1))
+    calls = []
+    opt.register_step_pre_hook(lambda *a: calls.append("pre"))
+    opt.register_step_post_hook(lambda *a: calls.append("post"))
+    m(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    assert calls == ["pre", "post"]
+
+
 def test_optimizer_with_an_empty_group_and_missing_grads():
     from ettin.train.optim import build_optimizer
     from ettin.train.recipe import OptimSection

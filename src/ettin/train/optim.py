@@ -7,7 +7,6 @@ DecoupledAdamW that ModernBERT used. Norm weights and biases get no decay.
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
@@ -38,32 +37,32 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimSection) -> torch.optim.Op
     # in favour of triton (hence the silenced warning), and only used where triton is not.
     params = [p for g in groups for p in g["params"]]
     foreach = bool(params) and all(p.device.type == "cpu" and type(p) is torch.nn.Parameter for p in params)
-    cls = _stable_adamw()
+    from optimi import StableAdamW
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Parameter `foreach` is deprecated", category=DeprecationWarning)
-        return cls(
+        opt = StableAdamW(
             groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay, decouple_lr=True, max_lr=cfg.lr,
             foreach=True if foreach else None,
         )
+    if foreach:
+        opt.register_step_pre_hook(_foreach_where_gradients)
+    return opt
 
 
-@functools.lru_cache(maxsize=1)
-def _stable_adamw():
-    from optimi import StableAdamW
+def _foreach_where_gradients(opt: torch.optim.Optimizer, args, kwargs) -> None:
+    """optimi's foreach step fails on a group with no gradients this step: its plain loop there.
 
-    class _StableAdamW(StableAdamW):
-        """optimi's StableAdamW; its foreach path only for groups that have gradients this step
-        (optimi's foreach step fails on an empty list of tensors)."""
-
-        def step(self, closure=None, param=None):
-            if param is None:
-                for g in self.param_groups:
-                    if g.get("foreach") or g.get("_foreach"):
-                        g["_foreach"] = True
-                        g["foreach"] = any(p.grad is not None for p in g["params"])
-            return super().step(closure, param)
-
-    return _StableAdamW
+    A step pre-hook rather than a subclass overriding ``step``: torch wraps the ``step`` of every
+    optimizer class it instantiates, so a subclass calling ``super().step()`` ran the step hooks
+    (and the profiler's step record) twice once optimi's own class had been used too.
+    """
+    if kwargs.get("param") is not None:
+        return
+    for g in opt.param_groups:
+        if g.get("foreach") or g.get("_foreach"):
+            g["_foreach"] = True
+            g["foreach"] = any(p.grad is not None for p in g["params"])
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
