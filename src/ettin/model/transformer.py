@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from ettin.config import ModelConfig
 from ettin.model import attention as A
 from ettin.model.cpu import tune_cpu_allocator  # noqa: F401  (re-exported for older imports)
-from ettin.model.kernels import _RopeQKV, apply_rotary, geglu, linear, mm_nt, rope_split  # noqa: F401  (fused kernels live beside the model)
+from ettin.model.kernels import _RopeQKV, apply_rotary, geglu, linear, mm_nt, qkv_rope, rope_split  # noqa: F401  (fused kernels live beside the model)
 
 
 class Rotary(nn.Module):
@@ -62,11 +62,11 @@ class Block(nn.Module):
         if keep is not None:  # through the module call, so FSDP2 gathers the weights for it too
             return self.forward_at(x, rope, keep, attend)
         B, L, H = x.shape
-        qkv = linear(self.attn_norm(x), self.qkv.weight).view(B, L, 3, self.heads, H // self.heads)
-        cos, sin = rope
         if not torch.compiler.is_compiling():
-            q, k, v = rope_split(qkv, cos, sin)  # eager: one buffer each way (torch.compile fuses the plain ops)
+            q, k, v = qkv_rope(self.attn_norm(x), self.qkv.weight, rope, self.heads)  # eager: fused kernels (torch.compile fuses the plain ops)
         else:
+            cos, sin = rope
+            qkv = linear(self.attn_norm(x), self.qkv.weight).view(B, L, 3, self.heads, H // self.heads)
             qkv = torch.cat((apply_rotary(qkv[:, :, :2], cos, sin), qkv[:, :, 2:]), dim=2)
             q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each [B, heads, L, D], memory [B, L, heads, D]
         y = attend(q, k, v).transpose(1, 2).reshape(B, L, H)
