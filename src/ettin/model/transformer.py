@@ -17,7 +17,15 @@ from torch.utils.checkpoint import checkpoint
 from ettin.config import ModelConfig
 from ettin.model import attention as A
 from ettin.model.cpu import tune_cpu_allocator  # noqa: F401  (re-exported for older imports)
-from ettin.model.kernels import _RopeQKV, apply_rotary, geglu, linear, mm_nt, qkv_rope, rope_split  # noqa: F401  (fused kernels live beside the model)
+from ettin.model.kernels import (  # noqa: F401  (fused kernels live beside the model)
+    _RopeQKV,
+    apply_rotary,
+    geglu,
+    linear,
+    mm_nt,
+    qkv_rope,
+    rope_split,
+)
 
 
 class Rotary(nn.Module):
