@@ -295,6 +295,26 @@ def test_paired_rope_equals_plain_rope(per_row):
             assert close(a, c)
 
 
+def test_full_masks_kept_between_inference_calls(monkeypatch):
+    """Without gradients the full masks are written into kept buffers, one per name: forwards whose
+    global and local layers both attend under full masks (bands and spans off), twice with other
+    documents, equal the forward with gradients (fresh masks)."""
+    monkeypatch.setattr(A, "band_plan", lambda *a, **k: None)
+    monkeypatch.setattr(A, "span_plan", lambda *a, **k: None)
+    torch.manual_seed(0)
+    cfg = preset("tiny", **small_vocab_specials(V)).replace(layers=4)  # global, local, local, global
+    assert [cfg.is_global_layer(i) for i in range(4)] == [True, False, False, True]
+    m = Transformer(cfg).eval()
+    _, inp, _, docs = model(False, L=200)
+    other = docs.clone()
+    other[2, 100:] = 1
+    for d in (docs, other, docs):
+        ref = m.encode(inp, doc_ids=d)
+        with torch.no_grad():
+            got = m.encode(inp, doc_ids=d)
+        assert torch.equal(got, ref)
+
+
 def _same_as_full_mask(attend, docs, B: int, L: int, h: int, D: int, *, causal: bool, window) -> None:
     """``attend`` (q, k, v as the block passes them) == SDPA with the full L x L mask: output and gradients."""
     q, k, v = (torch.randn(B, L, h, D, requires_grad=True) for _ in range(3))
