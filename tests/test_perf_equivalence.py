@@ -99,6 +99,25 @@ def test_linear_cross_entropy_exact_for_improbable_targets(one_exp, monkeypatch)
     assert close(p, torch.softmax(z, -1))
 
 
+def test_kept_buffers_made_in_inference_mode_serve_training_later(monkeypatch):
+    """The fused loss's logits buffer and the full mask's buffer are kept between calls; made
+    first under inference_mode (evaluation), they must not be inference tensors."""
+    monkeypatch.setattr(C, "use_onednn", lambda x, w: False)  # the path that keeps its buffer
+    monkeypatch.setattr(O, "_BUFFERS", {})
+    monkeypatch.setattr(A, "_KEPT", {})
+    h, w, b = torch.randn(30, 8), torch.randn(50, 8), torch.randn(50)
+    y = torch.randint(0, 50, (30,))
+    allowed = torch.rand(2, 1, 6, 6) > 0.3
+    with torch.inference_mode():
+        O.linear_cross_entropy(h, w, b, y)
+        A.additive(allowed, torch.float32, kept="global")
+    with torch.no_grad():
+        assert torch.equal(A.additive(allowed, torch.float32, kept="global"), A.additive(allowed, torch.float32))
+    hh = h.clone().requires_grad_()
+    O.linear_cross_entropy(hh, w, b, y).backward()
+    assert close(hh.grad, torch.autograd.grad(F.cross_entropy(F.linear(h.requires_grad_(), w, b), y, reduction="sum"), h)[0])
+
+
 def test_linear_cross_entropy_without_grad_and_all_ignored():
     h, w, b = torch.randn(10, 8), torch.randn(20, 8), torch.randn(20)
     y = torch.randint(0, 20, (10,))

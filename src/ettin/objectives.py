@@ -180,7 +180,8 @@ def _logits_buffer(numel: int, device: torch.device, name: str = "logits") -> to
     key = (threading.get_ident(), name)  # two threads computing heads at once must not share it
     buf = _BUFFERS.get(key)
     if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=torch.float32)
+        with torch.inference_mode(False):  # a normal tensor: usable outside inference mode later
+            buf = torch.empty(numel, dtype=torch.float32)
         _BUFFERS[key] = buf
     return buf
 

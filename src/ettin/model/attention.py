@@ -91,7 +91,8 @@ def additive(allowed: torch.Tensor, dtype: torch.dtype, kept: str | None = None)
     key = (threading.get_ident(), dtype, kept)
     buf = _KEPT.get(key)
     if buf is None or buf.numel() < allowed.numel():
-        buf = _KEPT[key] = torch.empty(allowed.numel(), dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor: usable outside inference mode later
+            buf = _KEPT[key] = torch.empty(allowed.numel(), dtype=dtype)
     return buf[: allowed.numel()].view(allowed.shape).fill_(0.0).masked_fill_(~allowed, float("-inf"))
 
 
