@@ -18,6 +18,7 @@ from ettin.config import ModelConfig
 from ettin.model import attention as A
 from ettin.model.cpu import tune_cpu_allocator  # noqa: F401  (re-exported for older imports)
 from ettin.model.kernels import (  # noqa: F401  (fused kernels live beside the model)
+    Angles,
     _RopeQKV,
     apply_rotary,
     geglu,
@@ -49,7 +50,7 @@ class Rotary(nn.Module):
         cos, sin = freqs.cos(), freqs.sin()
         cos = torch.cat((cos, cos), dim=-1)
         sin = torch.cat((-sin, sin), dim=-1)
-        return cos.to(dtype)[:, :, None, None], sin.to(dtype)[:, :, None, None]
+        return Angles((cos.to(dtype)[:, :, None, None], sin.to(dtype)[:, :, None, None]))
 
 
 class Block(nn.Module):
