@@ -165,11 +165,12 @@ def _chunk_rows(vocab: int, device: torch.device) -> int:
     return rows
 
 
-_BUFFERS: dict = {}  # thread -> the fused head's fp32 logits buffer, kept between calls on a CPU
+_BUFFERS: dict = {}  # (thread, name) -> a fused-head fp32 buffer (logits, [W | b]), kept between calls on a CPU
 
 
 def _logits_buffer(numel: int, device: torch.device, name: str = "logits") -> torch.Tensor:
-    """A flat fp32 buffer of at least ``numel`` elements for one chunk of logits.
+    """A flat fp32 buffer of at least ``numel`` elements for one chunk of logits (or another of
+    the fused head's per-call arrays, by ``name``).
 
     On a CPU it is kept between steps: a fresh 100 MB buffer is mmap'ed and page-faulted in on
     every step (glibc serves anything over 32 MB that way), ~10 ms a step at 17m. On a GPU the

@@ -159,7 +159,7 @@ class _RopePairs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq, dk, dv):
         (freqs,) = ctx.saved_tensors
-        dtype = next(g.dtype for g in (dq, dk, dv) if g is not None)
+        dtype = next((g.dtype for g in (dq, dk, dv) if g is not None), torch.float32)
         dx = torch.empty(ctx.shape, dtype=dtype, device=freqs.device)
         back = freqs.conj().resolve_conj()
         for i, g in enumerate((dq, dk)):
