@@ -205,13 +205,14 @@ def qkv_rope(x: torch.Tensor, weight: torch.Tensor, rope: tuple[torch.Tensor, to
 
     In fp32 the projection's q and k rows are reordered into pairs (:func:`_pair_rows`; the
     gradient flows back to the weight in its own order) and RoPE is one complex product per
-    tensor (a packed inference pass of 128 sequences: 1,021 -> 978 ms); otherwise (autocast)
-    :func:`rope_split` in the usual order.
+    tensor (a packed inference pass of 128 sequences: 1,021 -> 978 ms) on a CPU or a GPU;
+    otherwise (autocast, other devices) :func:`rope_split` in the usual order.
     """
     cos, sin = rope
     B, L, H = x.shape
     D = H // heads
-    if PAIRED_ROPE and x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+    if (PAIRED_ROPE and x.dtype == weight.dtype == torch.float32 and x.device.type in ("cpu", "cuda")  # (complex kernels)
+            and not torch.is_autocast_enabled(x.device.type)):
         rows = _pair_rows(heads, D, str(weight.device))
         qkv = linear(x, weight.index_select(0, rows)).view(B, L, 3, heads, D)
         return _RopePairs.apply(qkv, rope.pairs() if isinstance(rope, Angles) else pair_freqs(cos, sin))
