@@ -62,3 +62,17 @@ def test_op_groups():
     assert op_group("aten::lerp_", [[V, 64]], V, ("Optimizer.step#StableAdamW.step",)) == "optimizer"
     assert op_group("aten::copy_", [[8, 64]], V) == "copies/alloc"
     assert op_group("aten::embedding_dense_backward", [[8, 64], [V, 64]], V) == "embedding"
+
+
+def test_cpu_levers_ab_runs_each_lever_on_its_workloads():
+    """``cpu_levers.py``: every lever timed on and off on the workloads it touches, machine named."""
+    cmd = [sys.executable, str(ROOT / "bench" / "cpu_levers.py"), "--size", "tiny", "--reps", "1", "--seqs", "8", "--rows", "2",
+           "--threads", "1", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    recs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert sorted((x["workload"], x["lever"]) for x in recs) == sorted(
+        [("infer", "paired_rope"), ("infer", "kept_masks"), ("encoder", "paired_rope"), ("encoder", "one_exp"),
+         ("decoder", "paired_rope"), ("decoder", "one_exp")])
+    for x in recs:
+        assert x["on_ms"] > 0 and x["off_ms"] > 0 and x["cpu"] and "cpu_flags" in x

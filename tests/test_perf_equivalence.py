@@ -100,8 +100,9 @@ def test_linear_cross_entropy_exact_for_improbable_targets(one_exp, monkeypatch)
 
 
 def test_kept_buffers_made_in_inference_mode_serve_training_later(monkeypatch):
-    """The fused loss's logits buffer and the full mask's buffer are kept between calls; made
-    first under inference_mode (evaluation), they must not be inference tensors."""
+    """The fused loss's logits buffer, the full mask's buffer and the paired RoPE's row order are
+    kept between calls; made first under inference_mode (evaluation), they must not be
+    inference tensors."""
     monkeypatch.setattr(C, "use_onednn", lambda x, w: False)  # the path that keeps its buffer
     monkeypatch.setattr(O, "_BUFFERS", {})
     monkeypatch.setattr(A, "_KEPT", {})
@@ -113,6 +114,14 @@ def test_kept_buffers_made_in_inference_mode_serve_training_later(monkeypatch):
         A.additive(allowed, torch.float32, kept="global")
     with torch.no_grad():
         assert torch.equal(A.additive(allowed, torch.float32, kept="global"), A.additive(allowed, torch.float32))
+    # the paired RoPE's cached row order, first made under inference_mode, then used in training
+    K._pair_rows.cache_clear()
+    x, wq = torch.randn(2, 5, 8), torch.randn(24, 8)
+    rotary = T.Rotary(4, 500.0)
+    with torch.inference_mode():
+        K.qkv_rope(x, wq, rotary.cos_sin(torch.arange(5)[None], torch.float32), 2)
+    sum(t.sum() for t in K.qkv_rope(x, wq.requires_grad_(), rotary.cos_sin(torch.arange(5)[None], torch.float32), 2)).backward()
+    assert wq.grad is not None
     hh = h.clone().requires_grad_()
     O.linear_cross_entropy(hh, w, b, y).backward()
     assert close(hh.grad, torch.autograd.grad(F.cross_entropy(F.linear(h.requires_grad_(), w, b), y, reduction="sum"), h)[0])

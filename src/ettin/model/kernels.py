@@ -129,9 +129,10 @@ def _pair_rows(heads: int, head_dim: int, device: str) -> torch.Tensor:
     """The order of a [3 * heads * D, H] QKV weight's rows that puts each q and k head's dims i and
     i + D/2 side by side (0, D/2, 1, D/2 + 1, ...); v's rows stay where they are."""
     half = head_dim // 2
-    within = torch.stack((torch.arange(half), torch.arange(half) + half), 1).reshape(-1)
-    qk = (torch.arange(2 * heads)[:, None] * head_dim + within[None]).reshape(-1)
-    return torch.cat((qk, torch.arange(2 * heads * head_dim, 3 * heads * head_dim))).to(device)
+    with torch.inference_mode(False):  # cached: a normal tensor, so training can use it after inference made it
+        within = torch.stack((torch.arange(half), torch.arange(half) + half), 1).reshape(-1)
+        qk = (torch.arange(2 * heads)[:, None] * head_dim + within[None]).reshape(-1)
+        return torch.cat((qk, torch.arange(2 * heads * head_dim, 3 * heads * head_dim))).to(device)
 
 
 class _RopePairs(torch.autograd.Function):
