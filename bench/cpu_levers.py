@@ -6,8 +6,7 @@ levers, all exact (``tests/test_perf_equivalence.py``):
 
 - ``paired_rope``: RoPE as one complex product per tensor (``kernels.PAIRED_ROPE``) vs the
   halves form in tiles (``kernels.rope_split``);
-- ``one_exp``: the fused head's softmax + -log p (CPU) vs log-softmax then exp (the GPU form);
-- ``kept_masks``: inference's full masks in kept buffers vs a new tensor per forward.
+- ``one_exp``: the fused head's softmax + -log p (CPU) vs log-softmax then exp (the GPU form).
 
 Workloads: ``infer`` (one packed pass over ``bench/infer_speed.py``'s corpus of 128 sequences,
 mean pooling) and ``encoder`` / ``decoder`` (one training step of ``bench/model_speed.py``).
@@ -35,7 +34,6 @@ from machine import machine  # (bench/ is on sys.path)
 def levers():
     """name -> (workloads it touches, a context manager that turns it off)."""
     from ettin import objectives as O
-    from ettin.model import attention as A
     from ettin.model import kernels as K
 
     @contextlib.contextmanager
@@ -47,11 +45,10 @@ def levers():
         finally:
             setattr(obj, name, old)
 
-    probs, additive = O._probs_and_nll, A.additive
+    probs = O._probs_and_nll
     return {
         "paired_rope": (("infer", "encoder", "decoder"), lambda: patched(K, "PAIRED_ROPE", False)),
         "one_exp": (("encoder", "decoder"), lambda: patched(O, "_probs_and_nll", lambda *a, **k: probs(*a, **{**k, "one_exp": False}))),
-        "kept_masks": (("infer",), lambda: patched(A, "additive", lambda allowed, dtype, kept=None: additive(allowed, dtype))),
     }
 
 
@@ -78,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="17m")
     p.add_argument("--workloads", default="infer,encoder,decoder")
-    p.add_argument("--levers", default="paired_rope,one_exp,kept_masks")
+    p.add_argument("--levers", default="paired_rope,one_exp")
     p.add_argument("--reps", type=int, default=10, help="timed runs per side (after two warmup runs each)")
     p.add_argument("--rows", type=int, default=32, help="packed rows per inference forward")
     p.add_argument("--seqs", type=int, default=128, help="sequences in the inference corpus")

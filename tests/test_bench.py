@@ -72,7 +72,7 @@ def test_cpu_levers_ab_runs_each_lever_on_its_workloads():
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     recs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert sorted((x["workload"], x["lever"]) for x in recs) == sorted(
-        [("infer", "paired_rope"), ("infer", "kept_masks"), ("encoder", "paired_rope"), ("encoder", "one_exp"),
+        [("infer", "paired_rope"), ("encoder", "paired_rope"), ("encoder", "one_exp"),
          ("decoder", "paired_rope"), ("decoder", "one_exp")])
     for x in recs:
         assert x["on_ms"] > 0 and x["off_ms"] > 0 and x["cpu"] and "cpu_flags" in x

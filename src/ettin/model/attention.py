@@ -10,7 +10,6 @@ real tokens never see pads and pad rows never become empty (no NaN).
 from __future__ import annotations
 
 import functools
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -72,35 +71,21 @@ def sdpa(q, k, v, mask: torch.Tensor | None, *, causal: bool) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-_KEPT: dict = {}  # (thread, dtype, name) -> a CPU buffer for an additive mask made without gradients
-
-
-def additive(allowed: torch.Tensor, dtype: torch.dtype, kept: str | None = None) -> torch.Tensor:
+def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean mask as SDPA's additive one (0 where allowed, -inf elsewhere).
 
     SDPA's CPU kernels turn a boolean mask into this on every call, forward and backward; a
     mask shared by several layers is converted once (8 x 512 x 512: ~10 ms per call saved on
-    2 cores, ``bench/README.md``). ``kept`` names a buffer kept between calls, used without
-    gradients on a CPU (inference, where the mask is used up within one forward and no other
-    mask of that name is alive): 32 x 512 x 512 in fp32 is over glibc's 32 MB mmap threshold, so
-    a fresh one is page-faulted in every time (11.4 -> ~2 ms). With gradients, a saved mask must
-    outlive the next forward: a new tensor.
+    2 cores, ``bench/README.md``).
     """
-    if kept is None or torch.is_grad_enabled() or allowed.device.type != "cpu":
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
-    key = (threading.get_ident(), dtype, kept)
-    buf = _KEPT.get(key)
-    if buf is None or buf.numel() < allowed.numel():
-        with torch.inference_mode(False):  # a normal tensor: usable outside inference mode later
-            buf = _KEPT[key] = torch.empty(allowed.numel(), dtype=dtype)
-    return buf[: allowed.numel()].view(allowed.shape).fill_(0.0).masked_fill_(~allowed, float("-inf"))
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 class FullMask:
     """Attention over all L keys under :func:`sdpa_mask`'s mask, made additive once per dtype."""
 
-    def __init__(self, allowed: torch.Tensor | None, *, causal: bool, name: str = "global"):
-        self.allowed, self.causal, self.name = allowed, causal, name  # name: the kept buffer (one live mask per name)
+    def __init__(self, allowed: torch.Tensor | None, *, causal: bool):
+        self.allowed, self.causal = allowed, causal
         self._masks: dict = {}
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -108,7 +93,7 @@ class FullMask:
             return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         m = self._masks.get(q.dtype)
         if m is None:
-            m = self._masks[q.dtype] = additive(self.allowed, q.dtype, kept=self.name)
+            m = self._masks[q.dtype] = additive(self.allowed, q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
 
 

@@ -212,7 +212,7 @@ class Transformer(nn.Module):
         band = A.band_plan(docs, B, L, dev, causal=causal, window=window, block=self.band_block)
         if band is not None:
             return attend_g, band.attend
-        return attend_g, A.FullMask(A.sdpa_mask(docs, L, dev, causal=causal, window=window), causal=causal, name="local").attend
+        return attend_g, A.FullMask(A.sdpa_mask(docs, L, dev, causal=causal, window=window), causal=causal).attend
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Prediction head and tied output projection: hidden -> vocabulary logits."""
